@@ -1,0 +1,3 @@
+from raybooth.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""Attaching to Ray and sizing what the steps ask of it."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from raybooth.errors import RayboothError
+from raybooth.log import log
+
+_started_here = False  # whether this process started the Ray instance it uses (a fixed-size one)
+
+
+def connect(address: str | None = None) -> None:
+    """Attach to the cluster at `address` or RAY_ADDRESS; with neither, start Ray on this machine.
+    A Ray already initialized in this process is reused."""
+    global _started_here
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        target = address or os.environ.get("RAY_ADDRESS")
+        # Workers log errors only: without Ray's dashboard, Ray Train's placement group cleaner
+        # warns every second that it cannot reach the state API, burying our progress lines.
+        ray.init(address=target, logging_level=logging.WARNING,
+                 logging_config=ray.LoggingConfig(encoding="TEXT", log_level="ERROR"))
+        _started_here = not target
+        resources = ray.cluster_resources()
+        where = f"attached to the Ray cluster at {target}" if target else "started Ray on this machine"
+        log(f"{where}: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # our own progress lines say what is happening
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # e.g. a warning that bars are off
+
+
+def cluster_resource(name: str) -> float:
+    import ray
+
+    return ray.cluster_resources().get(name, 0.0)
+
+
+def decide_use_gpu(requested: bool | None) -> bool:
+    """Use GPUs when asked to, or by default when the cluster has any."""
+    gpus = cluster_resource("GPU")
+    if requested is None:
+        return gpus > 0
+    if requested and not gpus and _started_here:
+        raise RayboothError("--use_gpu was given but this machine's Ray sees no GPU")
+    return requested
+
+
+def check_fits(what: str, needed: float, resource: str) -> None:
+    """Fail at once where a fixed-size local Ray can never grant `needed`; on an attached cluster,
+    which may autoscale, only warn."""
+    available = cluster_resource(resource)
+    if needed <= available:
+        return
+    message = f"{what} needs {needed:g} {resource}s but the Ray cluster has {available:g}"
+    if _started_here:
+        raise RayboothError(message)
+    log(f"warning: {message}; waiting for the cluster to grow")
+
+
+def cpus_per_train_worker(num_workers: int) -> float:
+    """CPUs to reserve per training worker. One CPU must stay free: Ray Data feeds the workers
+    with CPU tasks, and workers that reserve every CPU starve it, which hangs training."""
+    spare = cluster_resource("CPU") - 1
+    return max(0.0, min(1.0, spare / num_workers))

@@ -1,0 +1,148 @@
+"""Typed settings for each step. The CLI builds its flags from these fields, so a field's
+name is its flag (`--train_batch_size`, also spelled `--train-batch-size`) and its help
+text lives here, next to its default."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raybooth.errors import RayboothError
+
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **cli: Any) -> Any:
+    """A dataclass field that carries its command-line help (and argparse extras) along."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **cli})
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass
+class CacheConfig:
+    model_name: str = option(help="Hugging Face model repository, e.g. CompVis/stable-diffusion-v1-4.")
+    revision: str = option(help="Commit hash (or branch) of the repository to cache.")
+    model_dir: Path = option(help="Cache folder; the model lands in DIR/models--ORG--NAME/snapshots/HASH.")
+
+
+@dataclass
+class TinyModelConfig:
+    output_dir: Path = option(help="Folder to write the tiny diffusers pipeline to.")
+    seed: int = option(0, "Seed for the random weights.")
+    overwrite: bool = option(False, "Replace a model already in --output_dir.")
+
+
+@dataclass
+class GenerateConfig:
+    model_dir: Path = option(help="Diffusers pipeline folder (or a Hugging Face cache folder holding one).")
+    output_dir: Path = option(help="Folder for the images; images already there are kept, not redone.")
+    prompts: list[str] = option(help="One or more prompts.", nargs="+")
+    num_samples_per_prompt: int = option(1, "Images per prompt.")
+    batch_size: int = option(4, "Images per pipeline call on each worker.")
+    num_inference_steps: int = option(50, "Denoising steps per image.")
+    guidance_scale: float = option(7.5, "Classifier-free guidance scale.")
+    resolution: int | None = option(None, "Image side in pixels (default: the model's native size).")
+    seed: int = option(0, "Base seed; each image's seed derives from it, its prompt and its index.")
+    dtype: str = option("auto", "Inference dtype; auto is bf16 (fp16 where bf16 is unsupported) on GPU, fp32 on CPU.",
+                        choices=DTYPES)
+    num_workers: int | None = option(None, "Generation actors (default: one per GPU, or one on CPU).")
+    use_gpu: bool | None = option(None, "Generate on GPUs (default: when the Ray cluster has any).")
+    address: str | None = option(None, "Ray cluster to attach to (default: RAY_ADDRESS, else a local Ray).")
+    use_ray_data: bool = option(True, "Accepted for the seed scripts; generation always runs on Ray Data.",
+                                hidden=True)
+
+    def validate(self) -> None:
+        positive(num_samples_per_prompt=self.num_samples_per_prompt, batch_size=self.batch_size,
+                 num_inference_steps=self.num_inference_steps)
+        if not all(p.strip() for p in self.prompts):
+            raise RayboothError("--prompts: a prompt is empty")
+
+
+@dataclass
+class TrainConfig:
+    model_dir: Path = option(help="Pretrained diffusers pipeline folder (or a Hugging Face cache folder holding one).")
+    output_dir: Path = option(help="Folder for the fine-tuned pipeline; must be new, empty, or --overwrite.")
+    instance_images_dir: Path = option(help="Photos of the subject (3-6 are typical).")
+    instance_prompt: str = option(help='Prompt naming the subject, e.g. "a photo of unqtkn toy car".')
+    class_images_dir: Path = option(help="Images of the subject's class, for prior preservation; "
+                                         "missing ones are generated first.")
+    class_prompt: str = option(help='Prompt for the class, e.g. "a photo of a toy car".')
+    class_noun: str | None = option(None, "The class noun both prompts must name (default: inferred "
+                                          "from the words the prompts end with).")
+    num_class_images: int = option(200, "Class images to train with; the folder is topped up to this many.")
+    train_batch_size: int = option(1, "Instance images per step per worker (each paired with a class image).")
+    lr: float = option(5e-6, "AdamW learning rate.")
+    num_epochs: int = option(4, "Passes over the instance/class pairs.")
+    max_train_steps: int = option(800, "Stop after this many optimizer steps, even mid-epoch.")
+    prior_loss_weight: float = option(1.0, "Weight of the class (prior-preservation) loss.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm.")
+    resolution: int | None = option(None, "Training image side in pixels (default: the model's native size).")
+    seed: int = option(0, "Seed for weights' noise and timesteps (and class image generation).")
+    mixed_precision: str = option("auto", "Autocast dtype over fp32 master weights; auto is bf16 on GPUs "
+                                          "that have it, fp16 on older GPUs, no on CPU.", choices=PRECISIONS)
+    train_text_encoder: bool = option(True, "Fine-tune the text encoder along with the UNet.")
+    num_workers: int = option(1, "Data-parallel Ray Train workers.")
+    use_gpu: bool | None = option(None, "Train on GPUs (default: when the Ray cluster has any).")
+    gpus_per_worker: int = option(1, "GPUs per worker; 2 puts the UNet on one and the text encoder on the other.",
+                                  choices=(1, 2))
+    report_every_n_steps: int = option(10, "Average the loss over workers and report it every N steps.")
+    address: str | None = option(None, "Ray cluster to attach to (default: RAY_ADDRESS, else a local Ray).")
+    storage_path: str | None = option(None, "Folder or URI (pyarrow) that all nodes share, for Ray Train's "
+                                            "checkpoints (default: ~/ray_results).")
+    overwrite: bool = option(False, "Replace a model already in --output_dir.")
+    sample_batch_size: int = option(4, "Batch size for generating missing class images.")
+    num_inference_steps: int = option(50, "Denoising steps for generated class images.")
+    guidance_scale: float = option(7.5, "Guidance scale for generated class images.")
+
+    def validate(self) -> None:
+        positive(train_batch_size=self.train_batch_size, num_epochs=self.num_epochs,
+                 max_train_steps=self.max_train_steps, num_workers=self.num_workers,
+                 report_every_n_steps=self.report_every_n_steps, sample_batch_size=self.sample_batch_size,
+                 num_inference_steps=self.num_inference_steps)
+        if self.lr <= 0:
+            raise RayboothError(f"--lr must be positive, got {self.lr}")
+        if self.prior_loss_weight < 0 or self.max_grad_norm <= 0 or self.num_class_images < 0:
+            raise RayboothError("--prior_loss_weight and --num_class_images must be >= 0, --max_grad_norm > 0")
+        if self.gpus_per_worker == 2 and self.use_gpu is False:
+            raise RayboothError("--gpus_per_worker 2 needs GPUs; drop --no_use_gpu")
+
+
+@dataclass
+class RunConfig:
+    """`raybooth run`: every step in one go. With no model and no subject, it is the demo."""
+
+    work_dir: Path | None = option(None, "Folder for every step's output (default: ./raybooth-demo with "
+                                         "the tiny model, ./raybooth-run otherwise).")
+    model_name: str | None = option(None, "Hugging Face repository to cache and fine-tune.")
+    revision: str = option("main", "Revision of --model_name.")
+    model_dir: Path | None = option(None, "Use this local pipeline instead of caching one "
+                                          "(default: the built-in tiny model, for the demo).")
+    instance_images_dir: Path | None = option(None, "Photos of the subject (default: the built-in toy car).")
+    unique_token: str = option("unqtkn", "Rare token that names the subject.")
+    class_noun: str | None = option(None, 'Class of the subject, e.g. "dog" (required with '
+                                          '--instance_images_dir; the built-in subject is a "toy car").')
+    sample_prompts: list[str] | None = option(None, "Prompts to sample the tuned model with "
+                                                    "(default: a few scenes of the subject).", nargs="+")
+    num_samples_per_prompt: int = option(4, "Samples per prompt from the tuned model.")
+    overwrite: bool = option(False, "Replace the tuned model of an earlier run in WORK_DIR/model-tuned.")
+
+    @property
+    def uses_tiny_model(self) -> bool:
+        return self.model_name is None and self.model_dir is None
+
+
+# `raybooth run` takes these TrainConfig flags as they are; the rest it derives from --work_dir,
+# --unique_token and --class_noun.
+RUN_DERIVED_TRAIN_FIELDS = ("model_dir", "output_dir", "instance_images_dir", "instance_prompt",
+                            "class_images_dir", "class_prompt", "class_noun", "overwrite")
+
+
+def positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise RayboothError(f"--{name} must be at least 1, got {value}")
+

@@ -1,0 +1,130 @@
+"""Batch image generation on Ray Data: a pool of actors, each holding one pipeline (one per GPU,
+or on CPU where there is none), turns rows of (prompt, index, seed) into PNGs that the driver
+writes. Each image's file name and seed follow from its prompt and index alone, so a re-run
+finds what is already there and makes only what is missing, with the same result."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from raybooth.cluster import check_fits, cluster_resource, connect, decide_use_gpu
+from raybooth.config import GenerateConfig
+from raybooth.errors import RayboothError
+from raybooth.log import log, quiet_model_libraries
+from raybooth.models import resolve_model_dir, resolve_resolution
+
+
+def image_name(prompt: str, index: int) -> str:
+    """`a-photo-of-a-toy-car-1b2c3d4e-0007.png`: readable, and unique per prompt and index."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "prompt"
+    digest = hashlib.sha1(prompt.encode()).hexdigest()[:8]
+    return f"{slug}-{digest}-{index:04d}.png"
+
+
+def image_seed(base_seed: int, prompt: str, index: int) -> int:
+    digest = hashlib.sha256(f"{base_seed}\0{prompt}\0{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # torch seeds are signed 64-bit
+
+
+def missing_images(prompts: list[str], num_samples_per_prompt: int, output_dir: Path,
+                   base_seed: int) -> list[dict]:
+    return [{"prompt": prompt, "index": index, "seed": image_seed(base_seed, prompt, index),
+             "file": image_name(prompt, index)}
+            for prompt in prompts for index in range(num_samples_per_prompt)
+            if not (output_dir / image_name(prompt, index)).exists()]
+
+
+def inference_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        if device != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+class ImageGenerator:
+    """A Ray Data actor: loads the pipeline once, then renders batches of rows."""
+
+    def __init__(self, model_dir: str, dtype: str, num_inference_steps: int, guidance_scale: float,
+                 resolution: int):
+        import torch
+
+        quiet_model_libraries()
+        from diffusers import StableDiffusionPipeline
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.pipeline = StableDiffusionPipeline.from_pretrained(model_dir).to(
+            self.device, inference_dtype(dtype, self.device))
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.settings = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                             height=resolution, width=resolution)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        import torch
+
+        # One generator per image: its noise depends on its own seed, not on the batch it lands in.
+        generators = [torch.Generator(self.device).manual_seed(int(seed)) for seed in batch["seed"]]
+        images = self.pipeline(list(batch["prompt"]), generator=generators, **self.settings).images
+        return {"file": list(batch["file"]), "png": [png_bytes(image) for image in images]}
+
+
+def png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """A file appears whole or not at all, so an interrupted run never leaves a broken image
+    that a re-run would count as done."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def generate(cfg: GenerateConfig) -> list[Path]:
+    """Make the images of `cfg` that `cfg.output_dir` lacks; returns every image's path."""
+    cfg.validate()
+    model_dir = resolve_model_dir(cfg.model_dir)
+    resolution = resolve_resolution(model_dir, cfg.resolution)
+    output_dir = Path(cfg.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RayboothError(f"output {output_dir} is a file, not a folder")
+    wanted = [output_dir / image_name(p, i) for p in cfg.prompts for i in range(cfg.num_samples_per_prompt)]
+    todo = missing_images(cfg.prompts, cfg.num_samples_per_prompt, output_dir, cfg.seed)
+    log(f"{len(wanted) - len(todo)} of {len(wanted)} images already in {output_dir}; generating {len(todo)}")
+    if not todo:
+        return wanted
+    output_dir.mkdir(parents=True, exist_ok=True)
+    connect(cfg.address)
+    use_gpu = decide_use_gpu(cfg.use_gpu)
+    actors = cfg.num_workers or (int(cluster_resource("GPU")) if use_gpu else 1)
+    actors = max(1, min(actors, math.ceil(len(todo) / cfg.batch_size)))
+    check_fits(f"generation with {actors} actors", actors, "GPU" if use_gpu else "CPU")
+
+    import ray.data
+
+    images = ray.data.from_items(todo).map_batches(
+        ImageGenerator, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if use_gpu else 0,
+        fn_constructor_kwargs=dict(model_dir=str(model_dir), dtype=cfg.dtype, resolution=resolution,
+                                   num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale))
+    started, done = time.monotonic(), 0
+    every = math.ceil(len(todo) / 10)
+    for row in images.iter_rows():
+        write_atomically(output_dir / row["file"], row["png"])
+        done += 1
+        if done % every == 0 or done == len(todo):
+            rate = done / (time.monotonic() - started)
+            log(f"generated {done}/{len(todo)} images ({rate:.2f} images/s)")
+    return wanted

@@ -1,0 +1,22 @@
+"""Progress and status lines for people, on stderr (stdout stays free for results such as paths)."""
+
+import sys
+
+
+def log(message: str) -> None:
+    # Not print(): Ray Train patches print() on its workers and would show each line twice.
+    sys.stderr.write(f"[raybooth] {message}\n")
+    sys.stderr.flush()
+
+
+def quiet_model_libraries() -> None:
+    """Keep transformers' and diffusers' chatter (loading bars, notices about optional packages)
+    out of our progress lines. Call before the first pipeline import in a process."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()

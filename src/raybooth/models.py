@@ -1,0 +1,186 @@
+"""Stable Diffusion pipeline folders: find and check one, load its parts for training, and
+write a fine-tuned one without ever leaving a half-written folder behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from raybooth.errors import RayboothError
+
+# What training and generation need; a pipeline may carry more (safety checker, feature extractor).
+REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+TRAINABLE_COMPONENTS = ("unet", "text_encoder")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def resolve_model_dir(path: Path) -> Path:
+    """A checked pipeline folder: `path` itself, or the one snapshot inside a Hugging Face cache
+    folder such as `raybooth cache-model` fills (DIR/models--ORG--NAME/snapshots/HASH)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise RayboothError(f"model folder {path} does not exist")
+    if (path / "model_index.json").is_file():
+        return check_model_dir(path)
+    snapshots = sorted(p.parent for p in path.glob("models--*/snapshots/*/model_index.json"))
+    if len(snapshots) == 1:
+        return check_model_dir(snapshots[0])
+    if snapshots:
+        listed = ", ".join(str(s) for s in snapshots[:3])
+        raise RayboothError(f"{path} caches several models; pass one snapshot folder: {listed}")
+    raise RayboothError(f"{path} is not a diffusers pipeline folder (it has no model_index.json)")
+
+
+def check_model_dir(path: Path) -> Path:
+    """`path` if it holds every component that training and generation load, else a clear error."""
+    index = read_json(path / "model_index.json", "model index")
+    for name in REQUIRED_COMPONENTS:
+        spec = index.get(name)
+        folder = path / name
+        if not (isinstance(spec, list) and spec and spec[0]):
+            raise RayboothError(f"model {path} has no {name} in its model_index.json")
+        if not folder.is_dir():
+            raise RayboothError(f"model {path} is missing its {name}/ folder")
+        if name in ("unet", "vae", "text_encoder"):
+            if not (folder / "config.json").is_file():
+                raise RayboothError(f"model {path} is missing {name}/config.json")
+            if not any(f.name.endswith(_WEIGHT_SUFFIXES) and f.is_file() for f in folder.iterdir()):
+                raise RayboothError(f"model {path} has no weights in {name}/ (no .safetensors or .bin file)")
+        elif not any(f.is_file() for f in folder.iterdir()):
+            raise RayboothError(f"model {path} has an empty {name}/ folder")
+    prediction_type = scheduler_config(path).get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise RayboothError(f"model {path} predicts {prediction_type!r}; raybooth trains {' or '.join(PREDICTION_TYPES)}")
+    return path
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RayboothError(f"{what} {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RayboothError(f"{what} {path} is not valid JSON ({error})") from None
+
+
+def scheduler_config(model_dir: Path) -> dict:
+    return read_json(model_dir / "scheduler" / "scheduler_config.json", "scheduler config")
+
+
+def resolve_resolution(model_dir: Path, requested: int | None) -> int:
+    """The image side to work at: the model's native one unless `requested`, which must let the
+    VAE and every UNet level halve the image evenly."""
+    unet = read_json(model_dir / "unet" / "config.json", "UNet config")
+    vae = read_json(model_dir / "vae" / "config.json", "VAE config")
+    vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    multiple = vae_scale * 2 ** (len(unet["block_out_channels"]) - 1)
+    sample_size = unet["sample_size"]
+    resolution = requested or vae_scale * (sample_size if isinstance(sample_size, int) else sample_size[0])
+    if resolution % multiple:
+        raise RayboothError(f"--resolution must be a multiple of {multiple} for this model, got {resolution}")
+    return resolution
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+
+
+def load_for_training(model_dir: Path, device: torch.device, text_encoder_device: torch.device,
+                      frozen_dtype: torch.dtype, train_text_encoder: bool):
+    """The models one training worker needs. Trained modules keep fp32 weights (autocast gives
+    the speed; fp32 masters keep small updates from rounding away); frozen ones take `frozen_dtype`."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from raybooth.training import DreamBoothModels
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").to(device)  # fp32, as loaded
+    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
+    text_encoder.to(text_encoder_device, torch.float32 if train_text_encoder else frozen_dtype)
+    text_encoder.requires_grad_(train_text_encoder)
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").to(device, frozen_dtype)
+    vae.requires_grad_(False)
+    unet.train()
+    text_encoder.train(train_text_encoder)
+    vae.eval()
+    return DreamBoothModels(
+        unet=unet, text_encoder=text_encoder, vae=vae,
+        noise_scheduler=DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler"),
+        train_text_encoder=train_text_encoder)
+
+
+def save_trained_modules(models, folder: Path) -> None:
+    """The modules training changed, in their diffusers/transformers folder layout."""
+    from raybooth.training import unwrap
+
+    unwrap(models.unet).save_pretrained(folder / "unet")
+    if models.train_text_encoder:
+        unwrap(models.text_encoder).save_pretrained(folder / "text_encoder")
+
+
+def check_output_dir(path: Path, overwrite: bool) -> None:
+    """Refuse an output folder that would lose something: one holding a model (unless
+    `overwrite`), or one holding anything else."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise RayboothError(f"output {path} is a file, not a folder")
+    if not any(path.iterdir()):
+        return
+    if (path / "model_index.json").exists():
+        if overwrite:
+            return
+        raise RayboothError(f"{path} already holds a model; pass --overwrite to replace it")
+    raise RayboothError(f"{path} is not empty and holds no model; choose a new or empty folder")
+
+
+def write_model_dir(path: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
+    """Run `write(folder)` on a fresh folder beside `path`, then swap it into place: a failure
+    at any point leaves `path` as it was."""
+    path = Path(path).absolute()
+    check_output_dir(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    partial.mkdir()
+    try:
+        write(partial)
+        if path.exists():
+            retired = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            path.rename(retired)
+            partial.rename(path)
+            shutil.rmtree(retired)
+        else:
+            partial.rename(path)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return path
+
+
+def assemble_pipeline(base_dir: Path, trained_dir: Path, output_dir: Path, overwrite: bool) -> Path:
+    """Write the fine-tuned pipeline: the base model's components, with those in `trained_dir`
+    (unet/, text_encoder/) in place of the originals, and any extra files (the training log)."""
+    index = read_json(base_dir / "model_index.json", "model index")
+    components = [name for name, spec in index.items() if isinstance(spec, list) and spec and spec[0]]
+
+    def write(folder: Path) -> None:
+        shutil.copy2(base_dir / "model_index.json", folder / "model_index.json")
+        for name in components:
+            source = trained_dir / name if (trained_dir / name).is_dir() else base_dir / name
+            if source.is_dir():
+                # copytree follows the Hugging Face cache's symlinks, so the output owns its files.
+                shutil.copytree(source, folder / name)
+        for extra in trained_dir.iterdir():
+            if extra.is_file():
+                shutil.copy2(extra, folder / extra.name)
+
+    return write_model_dir(output_dir, write, overwrite)

@@ -1,0 +1,62 @@
+"""Shared fixtures: one tiny model and one Ray instance for the whole session (starting Ray
+costs seconds; every Ray-using test attaches to the same one)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# The DreamBooth paper's photos, beside the project checkout where present (not copied in).
+REAL_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from raybooth.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path) -> Path:
+    """A copy of the tiny model that a test may damage."""
+    return Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+
+
+@pytest.fixture(scope="session")
+def subject_dir(tmp_path_factory) -> Path:
+    """Subject photos: the real rc_car photos (large JPEGs of mixed sizes) when present, else
+    the built-in toy car set."""
+    if (REAL_PHOTOS / "rc_car").is_dir():
+        return REAL_PHOTOS / "rc_car"
+    from raybooth.tiny import write_demo_subject
+
+    folder = tmp_path_factory.mktemp("subject")
+    write_demo_subject(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    from raybooth.cluster import connect
+
+    connect()
+    yield ray
+    ray.shutdown()
+
+
+def write_solid_images(folder: Path, color: tuple[int, int, int], count: int, size=(80, 64)) -> list[Path]:
+    """`count` PNGs of one flat color, so a test can tell from pixels which set an image came from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        path = folder / f"{index:03d}.png"
+        Image.fromarray(np.full((size[1], size[0], 3), color, dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from raybooth.config import GenerateConfig
+from raybooth.errors import RayboothError
+from raybooth.generate import generate, image_name, image_seed, missing_images
+
+PROMPTS = ["a photo of a toy car", "a toy car on the beach"]
+
+
+def settings(model_dir, output_dir, **overrides) -> GenerateConfig:
+    return GenerateConfig(**dict(model_dir=model_dir, output_dir=output_dir, prompts=PROMPTS,
+                                 num_samples_per_prompt=3, batch_size=2, num_inference_steps=3) | overrides)
+
+
+def test_names_and_seeds_follow_prompt_and_index_alone():
+    assert image_name("a photo of a toy car", 7) == image_name("a photo of a toy car", 7)
+    assert image_name("a photo of a toy car", 7).startswith("a-photo-of-a-toy-car-")
+    assert image_name("a photo of a toy car", 7).endswith("-0007.png")
+    assert image_name("A photo of a toy car", 7) != image_name("a photo of a toy car", 7)
+    assert len({image_seed(0, p, i) for p in PROMPTS for i in range(50)}) == 100
+    assert image_seed(1, PROMPTS[0], 0) != image_seed(0, PROMPTS[0], 0)
+
+
+def test_generate_writes_n_images_per_prompt_and_resumes(ray_cluster, tiny_model_dir, tmp_path):
+    output = tmp_path / "images"
+    paths = generate(settings(tiny_model_dir, output))
+    assert sorted(paths) == sorted(output / image_name(p, i) for p in PROMPTS for i in range(3))
+    assert sorted(output.iterdir()) == sorted(paths)  # and nothing else: no partial files
+    assert all(Image.open(p).size == (64, 64) for p in paths)
+    pixels = {p: np.asarray(Image.open(p), dtype=np.int16) for p in paths}
+    assert len({a.tobytes() for a in pixels.values()}) == 6  # every image its own noise
+
+    # A re-run makes only what is missing, and makes it as the first run did.
+    lost = paths[4]
+    lost.unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in paths if p != lost}
+    assert missing_images(PROMPTS, 3, output, 0) == [dict(prompt=PROMPTS[1], index=1, seed=image_seed(0, PROMPTS[1], 1),
+                                                          file=lost.name)]
+    generate(settings(tiny_model_dir, output))
+    assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items())
+    assert np.abs(np.asarray(Image.open(lost), dtype=np.int16) - pixels[lost]).max() <= 2
+
+    # Asking for more per prompt adds the new indices only.
+    generate(settings(tiny_model_dir, output, num_samples_per_prompt=4))
+    assert len(list(output.iterdir())) == 8
+
+
+def test_bad_generate_input_fails_before_ray(tmp_path, tiny_model_dir):
+    with pytest.raises(RayboothError, match="does not exist"):
+        generate(settings(tmp_path / "missing", tmp_path / "out"))
+    with pytest.raises(RayboothError, match="--num_samples_per_prompt must be at least 1"):
+        generate(settings(tiny_model_dir, tmp_path / "out", num_samples_per_prompt=0))
+    with pytest.raises(RayboothError, match="a prompt is empty"):
+        generate(settings(tiny_model_dir, tmp_path / "out", prompts=[" "]))
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,116 @@
+import json
+import shutil
+
+import pytest
+
+from raybooth.errors import RayboothError
+from raybooth.models import (assemble_pipeline, check_output_dir, resolve_model_dir, resolve_resolution,
+                             write_model_dir)
+
+HASH = "0123456789abcdef0123456789abcdef01234567"
+
+
+def as_hub_cache(model_dir, cache_dir, name="raybooth/tiny-sd"):
+    """Lay a pipeline out as huggingface_hub's cache does: blobs, and snapshots of symlinks."""
+    repo = cache_dir / f"models--{name.replace('/', '--')}"
+    snapshot = repo / "snapshots" / HASH
+    for file in model_dir.rglob("*"):
+        if file.is_file():
+            blob = repo / "blobs" / f"{abs(hash(str(file))):x}"
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(file, blob)
+            link = snapshot / file.relative_to(model_dir)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(blob)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HASH)
+    return snapshot
+
+
+def test_a_hub_cache_folder_resolves_to_its_snapshot(tiny_model_dir, tmp_path):
+    snapshot = as_hub_cache(tiny_model_dir, tmp_path)
+    assert resolve_model_dir(snapshot) == snapshot
+    assert resolve_model_dir(tmp_path) == snapshot  # the --model_dir given to cache-model works too
+    as_hub_cache(tiny_model_dir, tmp_path, name="raybooth/other")
+    with pytest.raises(RayboothError, match="caches several models"):
+        resolve_model_dir(tmp_path)
+
+
+def test_folders_that_are_no_model_are_refused(tmp_path):
+    with pytest.raises(RayboothError, match="does not exist"):
+        resolve_model_dir(tmp_path / "nothing")
+    with pytest.raises(RayboothError, match="no model_index.json"):
+        resolve_model_dir(tmp_path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: shutil.rmtree(m / "unet"), "missing its unet/ folder"),
+    (lambda m: (m / "vae" / "diffusion_pytorch_model.safetensors").unlink(), r"no weights in vae/"),
+    (lambda m: (m / "text_encoder" / "config.json").unlink(), "missing text_encoder/config.json"),
+    (lambda m: shutil.rmtree(m / "tokenizer") or (m / "tokenizer").mkdir(), "empty tokenizer/ folder"),
+    (lambda m: (m / "model_index.json").write_text("{"), "not valid JSON"),
+])
+def test_a_model_folder_missing_a_component_is_refused(model_copy, damage, message):
+    damage(model_copy)
+    with pytest.raises(RayboothError, match=message):
+        resolve_model_dir(model_copy)
+
+
+def test_an_unsupported_prediction_type_is_refused(model_copy):
+    config = model_copy / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"prediction_type": "sample"}))
+    with pytest.raises(RayboothError, match="predicts 'sample'"):
+        resolve_model_dir(model_copy)
+
+
+def test_resolution_defaults_to_the_native_one_and_must_divide_evenly(tiny_model_dir):
+    assert resolve_resolution(tiny_model_dir, None) == 64
+    assert resolve_resolution(tiny_model_dir, 96) == 96
+    with pytest.raises(RayboothError, match="multiple of 8"):
+        resolve_resolution(tiny_model_dir, 100)
+
+
+def test_output_folder_rules(tmp_path, tiny_model_dir):
+    check_output_dir(tmp_path / "new", overwrite=False)
+    check_output_dir(tmp_path, overwrite=False)  # empty
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(RayboothError, match="not empty and holds no model"):
+        check_output_dir(tmp_path, overwrite=True)
+    with pytest.raises(RayboothError, match="already holds a model; pass --overwrite"):
+        check_output_dir(tiny_model_dir, overwrite=False)
+    check_output_dir(tiny_model_dir, overwrite=True)
+
+
+def test_a_failed_write_leaves_the_output_as_it_was(tmp_path):
+    output = tmp_path / "out"
+
+    def fails_halfway(folder):
+        (folder / "model_index.json").write_text("{}")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_model_dir(output, fails_halfway, overwrite=False)
+    assert list(tmp_path.iterdir()) == []  # no output, no partial folder
+
+    write_model_dir(output, lambda f: (f / "model_index.json").write_text("old"), overwrite=False)
+    with pytest.raises(OSError):
+        write_model_dir(output, fails_halfway, overwrite=True)
+    assert (output / "model_index.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    write_model_dir(output, lambda f: (f / "model_index.json").write_text("new"), overwrite=True)
+    assert (output / "model_index.json").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_assembled_pipeline_takes_trained_parts_and_copies_the_rest(tiny_model_dir, tmp_path):
+    snapshot = as_hub_cache(tiny_model_dir, tmp_path / "cache")
+    trained = tmp_path / "trained"
+    shutil.copytree(tiny_model_dir / "unet", trained / "unet")
+    (trained / "unet" / "config.json").write_text(json.dumps({"marker": "trained"}))
+    (trained / "training_log.json").write_text("{}")
+    output = assemble_pipeline(snapshot, trained, tmp_path / "out", overwrite=False)
+    assert json.loads((output / "unet" / "config.json").read_text()) == {"marker": "trained"}
+    assert (output / "training_log.json").exists()
+    for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        files = [f for f in (output / part).iterdir()]
+        assert files and not any(f.is_symlink() for f in files)  # real files, not links into the cache

@@ -1,0 +1,119 @@
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from raybooth.cli import main
+from raybooth.generate import image_name
+
+from conftest import write_solid_images
+
+INSTANCE_PROMPT, CLASS_PROMPT = "a photo of unqtkn toy car", "a photo of a toy car"
+
+
+def train_args(model_dir, output_dir, instance_dir, class_dir, *extra) -> list[str]:
+    return ["train", "--model_dir", str(model_dir), "--output_dir", str(output_dir),
+            "--instance_images_dir", str(instance_dir), "--instance_prompt", INSTANCE_PROMPT,
+            "--class_images_dir", str(class_dir), "--class_prompt", CLASS_PROMPT,
+            "--num_class_images", "4", "--num_inference_steps", "2", "--report_every_n_steps", "2",
+            "--storage_path", str(output_dir.parent / "ray-storage"), *extra]
+
+
+def weights(folder, part):
+    name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+    return load_file(folder / part / name)
+
+
+def differs(a: dict, b: dict) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_on_two_workers_writes_a_pipeline_that_diffusers_loads(ray_cluster, tiny_model_dir, subject_dir, tmp_path):
+    output, class_dir = tmp_path / "tuned", tmp_path / "class"
+    assert main(train_args(tiny_model_dir, output, subject_dir, class_dir, "--num_workers", "2",
+                           "--train_batch_size", "2", "--num_epochs", "3", "--lr", "1e-4")) == 0
+
+    # The class folder was topped up with generated images first.
+    assert sorted(p.name for p in class_dir.iterdir()) == [image_name(CLASS_PROMPT, i) for i in range(4)]
+    # 5 pairs over 2 workers: 2 rows each, one batch of 2 per epoch, 3 epochs.
+    log = json.loads((output / "training_log.json").read_text())
+    assert [row["step"] for row in log["history"]] == [1, 2, 3]
+    assert log["world_size"] == 2 and log["config"]["instance_prompt"] == INSTANCE_PROMPT
+    assert all(np.isfinite(row["loss"]) for row in log["history"])
+
+    # UNet and text encoder were trained; the VAE is the base model's.
+    for part in ("unet", "text_encoder"):
+        assert differs(weights(output, part), weights(tiny_model_dir, part))
+    assert not differs(weights(output, "vae"), weights(tiny_model_dir, "vae"))
+
+    pipeline = StableDiffusionPipeline.from_pretrained(output)
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline(INSTANCE_PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    assert main(["generate", "--model_dir", str(output), "--output_dir", str(tmp_path / "samples"), "--prompts",
+                 INSTANCE_PROMPT, "--num_samples_per_prompt", "2", "--num_inference_steps", "2"]) == 0
+    assert len(list((tmp_path / "samples").glob("*.png"))) == 2
+
+
+def test_output_with_a_model_is_kept_unless_overwrite(ray_cluster, tiny_model_dir, subject_dir, tmp_path, capsys):
+    output, class_dir = tmp_path / "tuned", tmp_path / "class"
+    shutil.copytree(tiny_model_dir, output)
+    write_solid_images(class_dir, (0, 0, 200), 4)  # user-provided class images: nothing to generate
+    args = train_args(tiny_model_dir, output, subject_dir, class_dir, "--max_train_steps", "2",
+                      "--no_train_text_encoder")
+    assert main(args) == 1
+    assert "already holds a model; pass --overwrite" in capsys.readouterr().err
+    assert not differs(weights(output, "unet"), weights(tiny_model_dir, "unet"))
+
+    assert main(args + ["--overwrite"]) == 0
+    assert differs(weights(output, "unet"), weights(tiny_model_dir, "unet"))
+    assert not differs(weights(output, "text_encoder"), weights(tiny_model_dir, "text_encoder"))  # not trained
+    assert sorted(p.name for p in class_dir.iterdir()) == [f"{i:03d}.png" for i in range(4)]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial folders
+    assert not list((tmp_path / "ray-storage").rglob("*.safetensors"))  # no second copy of the weights
+
+
+def break_model(model_dir):
+    shutil.rmtree(model_dir / "unet")
+
+
+def corrupt_instance_image(instance_dir):
+    (instance_dir / "003.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+
+
+def add_text_file(folder):
+    (folder / "readme.txt").write_text("not an image")
+
+
+@pytest.mark.parametrize("damage, extra, message", [
+    (lambda m, i, c: None, ["--instance_prompt", "a photo of unqtkn"], "does not name the class noun"),
+    (lambda m, i, c: break_model(m), [], "missing its unet/ folder"),
+    (lambda m, i, c: corrupt_instance_image(i), [], "003.png is not a readable image"),
+    (lambda m, i, c: add_text_file(i), [], "holds files that are not images: readme.txt"),
+    (lambda m, i, c: [p.unlink() for p in i.iterdir()], [], "instance images folder .* holds no images"),
+    (lambda m, i, c: add_text_file(c), [], "class images folder .* not images: readme.txt"),
+    (lambda m, i, c: None, ["--resolution", "60"], "must be a multiple of 8"),
+    (lambda m, i, c: None, ["--gpus_per_worker", "2", "--no_use_gpu"], "needs GPUs"),
+])
+def test_bad_input_fails_with_one_line_before_ray_starts(model_copy, tmp_path, capsys, monkeypatch, damage, extra,
+                                                         message):
+    instance_dir, class_dir = tmp_path / "instance", tmp_path / "class"
+    write_solid_images(instance_dir, (200, 0, 0), 4)
+    class_dir.mkdir()
+    damage(model_copy, instance_dir, class_dir)
+
+    def no_ray(*_):
+        raise AssertionError("Ray was started before the input was checked")
+
+    monkeypatch.setattr("raybooth.trainer.connect", no_ray)
+    assert main(train_args(model_copy, tmp_path / "out", instance_dir, class_dir, *extra)) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("raybooth: error: ")
+    assert re.search(message, error[0]), error[0]
+    assert not (tmp_path / "out").exists()
