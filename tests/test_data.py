@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from raybooth.data import (build_train_dataset, crop_and_tokenize, join_instance_and_class, pair_images, partners,
-                           random_crop, resize_shorter_side, to_pixels, tokenize)
-from raybooth.images import find_images
+                           random_crop, read_resized, resize_shorter_side, to_pixels, tokenize)
+from raybooth.images import ORIENTATION_TAG, find_images
 from raybooth.models import load_tokenizer
 
 from conftest import write_solid_images
@@ -26,6 +26,19 @@ def test_real_photos_are_resized_on_the_shorter_side_then_cropped_square(subject
         pixels = to_pixels(crop)
         assert pixels.shape == (3, 64, 64) and pixels.dtype == np.float32
         assert -1.0 <= pixels.min() < -0.5 and 0.5 < pixels.max() <= 1.0  # real photos span the range
+
+
+def test_photos_are_turned_upright_by_their_exif_orientation(ray_cluster, tmp_path):
+    # A portrait photo stored landscape, with the tag a phone writes for "rotate 90 degrees".
+    upright_photo = np.zeros((120, 80, 3), np.uint8)
+    upright_photo[:20] = 255  # white at the top
+    stored = Image.fromarray(upright_photo).transpose(Image.Transpose.ROTATE_90)
+    exif = stored.getexif()
+    exif[ORIENTATION_TAG] = 6
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    (row,) = read_resized([tmp_path / "phone.jpg"], 64).take_all()
+    assert row["image"].shape == (96, 64, 3)  # portrait again, shorter side 64
+    assert row["image"][:10].mean() > 200 and row["image"][-40:].mean() < 30  # and the white is on top
 
 
 def test_crops_are_random_and_inside_the_image():

@@ -1,10 +1,17 @@
+import io
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from raybooth.config import GenerateConfig
 from raybooth.errors import RayboothError
-from raybooth.generate import generate, image_name, image_seed, missing_images
+from raybooth.generate import ImageGenerator, generate, generated_for, image_name, image_seed, missing_images
+from raybooth.images import image_files
 
 PROMPTS = ["a photo of a toy car", "a toy car on the beach"]
 
@@ -21,6 +28,9 @@ def test_names_and_seeds_follow_prompt_and_index_alone():
     assert image_name("A photo of a toy car", 7) != image_name("a photo of a toy car", 7)
     assert len({image_seed(0, p, i) for p in PROMPTS for i in range(50)}) == 100
     assert image_seed(1, PROMPTS[0], 0) != image_seed(0, PROMPTS[0], 0)
+    assert generated_for(image_name(PROMPTS[0], 12345)) == generated_for(image_name(PROMPTS[0], 0))
+    assert generated_for(image_name(PROMPTS[0], 0)) != generated_for(image_name(PROMPTS[1], 0))
+    assert generated_for("IMG_0042.png") is None and generated_for("my-dog-2024-0001.jpg") is None
 
 
 def test_generate_writes_n_images_per_prompt_and_resumes(ray_cluster, tiny_model_dir, tmp_path):
@@ -55,3 +65,25 @@ def test_bad_generate_input_fails_before_ray(tmp_path, tiny_model_dir):
     with pytest.raises(RayboothError, match="a prompt is empty"):
         generate(settings(tiny_model_dir, tmp_path / "out", prompts=[" "]))
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_attaches_to_a_running_cluster_through_ray_address(ray_cluster, tiny_model_dir, tmp_path):
+    address = ray_cluster.get_runtime_context().gcs_address
+    done = subprocess.run(
+        [sys.executable, "-m", "raybooth", "generate", "--model_dir", str(tiny_model_dir), "--output_dir",
+         str(tmp_path), "--prompts", "a toy car", "--num_samples_per_prompt", "2", "--num_inference_steps", "2"],
+        env=os.environ | {"RAY_ADDRESS": address}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"attached to the Ray cluster at {address}" in done.stderr
+    assert done.stdout.strip() == str(tmp_path)
+    assert len(image_files(tmp_path)) == 2
+
+
+def test_the_generator_actor_uses_the_device_it_was_given(tiny_model_dir):
+    generator = ImageGenerator(str(tiny_model_dir), use_gpu=False, dtype="auto", num_inference_steps=2,
+                               guidance_scale=7.5, resolution=64, safety_checker=False)
+    assert generator.device == "cpu" and generator.pipeline.unet.dtype == torch.float32
+    assert generator.pipeline.safety_checker is None
+    out = generator({"prompt": np.array(PROMPTS), "seed": np.array([1, 2]), "file": np.array(["a.png", "b.png"])})
+    assert out["file"] == ["a.png", "b.png"]
+    assert [Image.open(io.BytesIO(png)).size for png in out["png"]] == [(64, 64)] * 2

@@ -36,6 +36,12 @@ def test_a_hub_cache_folder_resolves_to_its_snapshot(tiny_model_dir, tmp_path):
         resolve_model_dir(tmp_path)
 
 
+def test_a_relative_model_folder_resolves_to_an_absolute_path(tiny_model_dir, monkeypatch):
+    # Ray Train workers run in a folder of their own, where a relative path means something else.
+    monkeypatch.chdir(tiny_model_dir.parent)
+    assert resolve_model_dir(tiny_model_dir.name) == tiny_model_dir
+
+
 def test_folders_that_are_no_model_are_refused(tmp_path):
     with pytest.raises(RayboothError, match="does not exist"):
         resolve_model_dir(tmp_path / "nothing")
@@ -81,6 +87,14 @@ def test_output_folder_rules(tmp_path, tiny_model_dir):
     check_output_dir(tiny_model_dir, overwrite=True)
 
 
+def test_overwrite_never_deletes_files_that_are_not_part_of_the_model(model_copy):
+    (model_copy / "training_log.json").write_text("{}")
+    check_output_dir(model_copy, overwrite=True)
+    (model_copy / "my-notes.txt").write_text("x")
+    with pytest.raises(RayboothError, match=r"other files \(my-notes.txt\)"):
+        check_output_dir(model_copy, overwrite=True)
+
+
 def test_a_failed_write_leaves_the_output_as_it_was(tmp_path):
     output = tmp_path / "out"
 
@@ -92,13 +106,13 @@ def test_a_failed_write_leaves_the_output_as_it_was(tmp_path):
         write_model_dir(output, fails_halfway, overwrite=False)
     assert list(tmp_path.iterdir()) == []  # no output, no partial folder
 
-    write_model_dir(output, lambda f: (f / "model_index.json").write_text("old"), overwrite=False)
+    write_model_dir(output, lambda f: (f / "model_index.json").write_text('{"v": "old"}'), overwrite=False)
     with pytest.raises(OSError):
         write_model_dir(output, fails_halfway, overwrite=True)
-    assert (output / "model_index.json").read_text() == "old"
+    assert (output / "model_index.json").read_text() == '{"v": "old"}'
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    write_model_dir(output, lambda f: (f / "model_index.json").write_text("new"), overwrite=True)
-    assert (output / "model_index.json").read_text() == "new"
+    write_model_dir(output, lambda f: (f / "model_index.json").write_text('{"v": "new"}'), overwrite=True)
+    assert (output / "model_index.json").read_text() == '{"v": "new"}'
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

@@ -1,6 +1,7 @@
 import json
 import re
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from raybooth.cli import main
+from raybooth.config import TrainConfig
+from raybooth.trainer import top_up_class_images
 from raybooth.generate import image_name
 
 from conftest import write_solid_images
@@ -100,6 +103,7 @@ def add_text_file(folder):
     (lambda m, i, c: add_text_file(c), [], "class images folder .* not images: readme.txt"),
     (lambda m, i, c: None, ["--resolution", "60"], "must be a multiple of 8"),
     (lambda m, i, c: None, ["--gpus_per_worker", "2", "--no_use_gpu"], "needs GPUs"),
+    (lambda m, i, c: None, ["--num_class_images", "0"], "--num_class_images must be at least 1"),
 ])
 def test_bad_input_fails_with_one_line_before_ray_starts(model_copy, tmp_path, capsys, monkeypatch, damage, extra,
                                                          message):
@@ -117,3 +121,27 @@ def test_bad_input_fails_with_one_line_before_ray_starts(model_copy, tmp_path, c
     assert len(error) == 1 and error[0].startswith("raybooth: error: ")
     assert re.search(message, error[0]), error[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_class_images_are_the_users_own_first_then_generated_for_this_prompt(tmp_path, monkeypatch):
+    folder = tmp_path / "class"
+    own = write_solid_images(folder, (0, 0, 200), 2)
+    for prompt, count in (("a photo of a toy car", 3), ("a photo of a toy truck", 1)):
+        for index in range(count):
+            write_solid_images(tmp_path / "tmp", (9, 9, 9), 1)[0].rename(folder / image_name(prompt, index))
+    asked = []
+
+    def fake_generate(cfg):
+        asked.append(cfg)
+        return [folder / image_name(cfg.prompts[0], i) for i in range(cfg.num_samples_per_prompt)]
+
+    monkeypatch.setattr("raybooth.trainer.generate", fake_generate)
+    cfg = TrainConfig(model_dir=tmp_path, output_dir=tmp_path / "out", instance_images_dir=tmp_path,
+                      instance_prompt="a photo of sks toy truck", class_images_dir=folder,
+                      class_prompt="a photo of a toy truck", num_class_images=4)
+    chosen = top_up_class_images(cfg, tmp_path, 64, use_gpu=False)
+    # The toy car images, made for an earlier class prompt, are not toy trucks.
+    assert chosen == own + [folder / image_name("a photo of a toy truck", i) for i in range(2)]
+    assert asked[0].num_samples_per_prompt == 2 and asked[0].safety_checker is False
+    assert top_up_class_images(replace(cfg, num_class_images=1), tmp_path, 64, use_gpu=False) == own[:1]
+    assert len(asked) == 1

@@ -40,6 +40,12 @@ def cluster_resource(name: str) -> float:
     return ray.cluster_resources().get(name, 0.0)
 
 
+def node_count() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node["Alive"])
+
+
 def decide_use_gpu(requested: bool | None) -> bool:
     """Use GPUs when asked to, or by default when the cluster has any."""
     gpus = cluster_resource("GPU")

@@ -49,6 +49,8 @@ class GenerateConfig:
     seed: int = option(0, "Base seed; each image's seed derives from it, its prompt and its index.")
     dtype: str = option("auto", "Inference dtype; auto is bf16 (fp16 where bf16 is unsupported) on GPU, fp32 on CPU.",
                         choices=DTYPES)
+    safety_checker: bool = option(True, "Run the model's safety checker, if it has one (flagged images come "
+                                        "out black).")
     num_workers: int | None = option(None, "Generation actors (default: one per GPU, or one on CPU).")
     use_gpu: bool | None = option(None, "Generate on GPUs (default: when the Ray cluster has any).")
     address: str | None = option(None, "Ray cluster to attach to (default: RAY_ADDRESS, else a local Ray).")
@@ -99,14 +101,15 @@ class TrainConfig:
     guidance_scale: float = option(7.5, "Guidance scale for generated class images.")
 
     def validate(self) -> None:
-        positive(train_batch_size=self.train_batch_size, num_epochs=self.num_epochs,
+        positive(num_class_images=self.num_class_images, train_batch_size=self.train_batch_size,
+                 num_epochs=self.num_epochs,
                  max_train_steps=self.max_train_steps, num_workers=self.num_workers,
                  report_every_n_steps=self.report_every_n_steps, sample_batch_size=self.sample_batch_size,
                  num_inference_steps=self.num_inference_steps)
         if self.lr <= 0:
             raise RayboothError(f"--lr must be positive, got {self.lr}")
-        if self.prior_loss_weight < 0 or self.max_grad_norm <= 0 or self.num_class_images < 0:
-            raise RayboothError("--prior_loss_weight and --num_class_images must be >= 0, --max_grad_norm > 0")
+        if self.prior_loss_weight < 0 or self.max_grad_norm <= 0:
+            raise RayboothError("--prior_loss_weight must be >= 0 and --max_grad_norm > 0")
         if self.gpus_per_worker == 2 and self.use_gpu is False:
             raise RayboothError("--gpus_per_worker 2 needs GPUs; drop --no_use_gpu")
 

@@ -14,10 +14,24 @@ import numpy as np
 import torch
 from PIL import Image
 
+from raybooth.images import exif_orientation
+
 def tokenize(tokenizer, prompt: str) -> np.ndarray:
     """Prompt ids padded to the text encoder's full context, as SD was trained."""
     return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="np").input_ids[0].astype(np.int64)
+
+
+# What turns a photo stored with EXIF orientation N upright (as PIL's ImageOps.exif_transpose does).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+def upright(image: np.ndarray, orientation: int) -> np.ndarray:
+    if orientation not in _UPRIGHT:
+        return image
+    return np.asarray(Image.fromarray(image).transpose(_UPRIGHT[orientation]))
 
 
 def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
@@ -41,11 +55,14 @@ def to_pixels(image: np.ndarray) -> np.ndarray:
 
 
 def read_resized(paths: list[Path], resolution: int):
-    """Images as rows {image, name}, shorter side resized to `resolution`."""
+    """Images as rows {image, name}, turned upright and resized to `resolution` on the shorter side."""
     import ray.data
 
+    orientations = {path.name: exif_orientation(path) for path in paths}
+
     def resize(row: dict) -> dict:
-        return {"image": resize_shorter_side(row["image"], resolution), "name": Path(row["path"]).name}
+        name = Path(row["path"]).name
+        return {"image": resize_shorter_side(upright(row["image"], orientations[name]), resolution), "name": name}
 
     return ray.data.read_images([str(p) for p in paths], mode="RGB", include_paths=True,
                                 file_extensions=None).map(resize)

@@ -22,11 +22,23 @@ from raybooth.log import log, quiet_model_libraries
 from raybooth.models import resolve_model_dir, resolve_resolution
 
 
+_GENERATED_NAME = re.compile(r"-([0-9a-f]{8})-\d{4,}\.png$")
+
+
+def prompt_digest(prompt: str) -> str:
+    return hashlib.sha1(prompt.encode()).hexdigest()[:8]
+
+
 def image_name(prompt: str, index: int) -> str:
     """`a-photo-of-a-toy-car-1b2c3d4e-0007.png`: readable, and unique per prompt and index."""
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "prompt"
-    digest = hashlib.sha1(prompt.encode()).hexdigest()[:8]
-    return f"{slug}-{digest}-{index:04d}.png"
+    return f"{slug}-{prompt_digest(prompt)}-{index:04d}.png"
+
+
+def generated_for(name: str) -> str | None:
+    """The prompt digest in the name of an image we generated; None for anyone else's image."""
+    match = _GENERATED_NAME.search(name)
+    return match.group(1) if match else None
 
 
 def image_seed(base_seed: int, prompt: str, index: int) -> int:
@@ -45,25 +57,25 @@ def missing_images(prompts: list[str], num_samples_per_prompt: int, output_dir: 
 def inference_dtype(name: str, device: str):
     import torch
 
+    from raybooth.models import half_precision_dtype
+
     if name == "auto":
-        if device != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return half_precision_dtype() if device == "cuda" else torch.float32
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 class ImageGenerator:
     """A Ray Data actor: loads the pipeline once, then renders batches of rows."""
 
-    def __init__(self, model_dir: str, dtype: str, num_inference_steps: int, guidance_scale: float,
-                 resolution: int):
-        import torch
-
+    def __init__(self, model_dir: str, use_gpu: bool, dtype: str, num_inference_steps: int, guidance_scale: float,
+                 resolution: int, safety_checker: bool = True):
         quiet_model_libraries()
         from diffusers import StableDiffusionPipeline
 
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.pipeline = StableDiffusionPipeline.from_pretrained(model_dir).to(
+        # By the request, not by what is visible: a CPU actor on a GPU node still sees the GPUs.
+        self.device = "cuda" if use_gpu else "cpu"
+        without_checker = {} if safety_checker else dict(safety_checker=None, requires_safety_checker=False)
+        self.pipeline = StableDiffusionPipeline.from_pretrained(model_dir, **without_checker).to(
             self.device, inference_dtype(dtype, self.device))
         self.pipeline.set_progress_bar_config(disable=True)
         self.settings = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -117,8 +129,9 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     images = ray.data.from_items(todo).map_batches(
         ImageGenerator, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if use_gpu else 0,
-        fn_constructor_kwargs=dict(model_dir=str(model_dir), dtype=cfg.dtype, resolution=resolution,
-                                   num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale))
+        fn_constructor_kwargs=dict(model_dir=str(model_dir), use_gpu=use_gpu, dtype=cfg.dtype, resolution=resolution,
+                                   num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                                   safety_checker=cfg.safety_checker))
     started, done = time.monotonic(), 0
     every = math.ceil(len(todo) / 10)
     for row in images.iter_rows():

@@ -11,13 +11,15 @@ from raybooth.errors import RayboothError
 
 # What Ray Data's read_images reads, plus webp.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
+ORIENTATION_TAG = 0x0112  # EXIF
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The image files directly in `folder`, sorted; none if the folder does not exist."""
-    if not folder.is_dir():
+    """The image files directly in `folder` (hidden ones aside), sorted; none if it does not exist."""
+    if not Path(folder).is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p.absolute() for p in Path(folder).iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def find_images(folder: Path, role: str, may_be_empty: bool = False) -> list[Path]:
@@ -28,7 +30,7 @@ def find_images(folder: Path, role: str, may_be_empty: bool = False) -> list[Pat
     file that is not an image is an error rather than silently skipped, since a subject set
     of five photos with one unread is not what the user asked to train on.
     """
-    folder = Path(folder)
+    folder = Path(folder).expanduser().absolute()  # Ray tasks do not share our working directory
     if may_be_empty and not folder.exists():
         return []
     if not folder.exists():
@@ -55,3 +57,11 @@ def check_image(path: Path) -> None:
             image.load()  # a full decode: truncated files pass Image.verify() but fail here
     except Exception as error:  # PIL raises many types for bad files
         raise RayboothError(f"{path} is not a readable image ({type(error).__name__}: {error})") from None
+
+
+def exif_orientation(path: Path) -> int:
+    """The EXIF orientation (1-8) a camera recorded: phone photos are often stored sideways
+    with a tag saying so, which Ray Data's read_images does not apply."""
+    with Image.open(path) as image:
+        return image.getexif().get(ORIENTATION_TAG, 1)
+

@@ -17,13 +17,14 @@ from raybooth.errors import RayboothError
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 TRAINABLE_COMPONENTS = ("unet", "text_encoder")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+TRAINING_LOG = "training_log.json"  # written beside the fine-tuned pipeline
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def resolve_model_dir(path: Path) -> Path:
     """A checked pipeline folder: `path` itself, or the one snapshot inside a Hugging Face cache
     folder such as `raybooth cache-model` fills (DIR/models--ORG--NAME/snapshots/HASH)."""
-    path = Path(path).expanduser()
+    path = Path(path).expanduser().absolute()  # Ray Train workers run in a folder of their own
     if not path.exists():
         raise RayboothError(f"model folder {path} does not exist")
     if (path / "model_index.json").is_file():
@@ -87,6 +88,11 @@ def resolve_resolution(model_dir: Path, requested: int | None) -> int:
     return resolution
 
 
+def half_precision_dtype() -> torch.dtype:
+    """bf16 on GPUs that compute in it (Ampere and later), else fp16: older GPUs only emulate bf16."""
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
@@ -128,7 +134,7 @@ def save_trained_modules(models, folder: Path) -> None:
 
 def check_output_dir(path: Path, overwrite: bool) -> None:
     """Refuse an output folder that would lose something: one holding a model (unless
-    `overwrite`), or one holding anything else."""
+    `overwrite`), and one holding anything else, which --overwrite would delete with it."""
     path = Path(path)
     if not path.exists():
         return
@@ -136,11 +142,16 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
         raise RayboothError(f"output {path} is a file, not a folder")
     if not any(path.iterdir()):
         return
-    if (path / "model_index.json").exists():
-        if overwrite:
-            return
+    if not (path / "model_index.json").exists():
+        raise RayboothError(f"{path} is not empty and holds no model; choose a new or empty folder")
+    if not overwrite:
         raise RayboothError(f"{path} already holds a model; pass --overwrite to replace it")
-    raise RayboothError(f"{path} is not empty and holds no model; choose a new or empty folder")
+    index = read_json(path / "model_index.json", "model index")
+    model_parts = {"model_index.json", TRAINING_LOG, *index}
+    strangers = sorted(entry.name for entry in path.iterdir() if entry.name not in model_parts)
+    if strangers:
+        raise RayboothError(f"{path} holds a model and other files ({', '.join(strangers[:5])}), which "
+                            "--overwrite would delete; move them out first")
 
 
 def write_model_dir(path: Path, write: Callable[[Path], None], overwrite: bool) -> Path:

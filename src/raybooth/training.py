@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from raybooth.models import half_precision_dtype
+
 
 @dataclass
 class DreamBoothModels:
@@ -101,7 +103,7 @@ def resolve_precision(mode: str, device: torch.device) -> str:
     if mode != "auto":
         return mode
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if half_precision_dtype() == torch.bfloat16 else "fp16"
     return "no"
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -19,11 +20,10 @@ import torch.distributed as dist
 from raybooth import __version__
 from raybooth.config import TrainConfig
 from raybooth.data import join_instance_and_class
+from raybooth.errors import RayboothError
 from raybooth.log import log, quiet_model_libraries
-from raybooth.models import load_for_training, save_trained_modules
+from raybooth.models import TRAINING_LOG, load_for_training, save_trained_modules
 from raybooth.training import Loss, Precision, make_optimizer, train_step
-
-TRAINING_LOG = "training_log.json"
 
 
 def train_worker(loop_config: dict) -> None:
@@ -40,7 +40,11 @@ def train_worker(loop_config: dict) -> None:
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed + rank)  # each worker draws its own noise and timesteps
     precision = Precision(cfg.mixed_precision, device)
-    models = load_for_training(loop_config["model_dir"], device, text_encoder_device, precision.frozen_dtype,
+    model_dir = Path(loop_config["model_dir"])
+    if not (model_dir / "model_index.json").is_file():
+        raise RayboothError(f"{model_dir} is not readable on {socket.gethostname()}: on several nodes, keep "
+                            "the model on storage that every node shares")
+    models = load_for_training(model_dir, device, text_encoder_device, precision.frozen_dtype,
                                cfg.train_text_encoder)
     if world_size > 1:
         models = models.data_parallel()
