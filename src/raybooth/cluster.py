@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 from raybooth.errors import RayboothError
@@ -68,8 +69,12 @@ def check_fits(what: str, needed: float, resource: str) -> None:
     log(f"warning: {message}; waiting for the cluster to grow")
 
 
-def cpus_per_train_worker(num_workers: int) -> float:
-    """CPUs to reserve per training worker. One CPU must stay free: Ray Data feeds the workers
-    with CPU tasks, and workers that reserve every CPU starve it, which hangs training."""
-    spare = cluster_resource("CPU") - 1
-    return max(0.0, min(1.0, spare / num_workers))
+def cpus_per_worker(workers: int, use_gpu: bool) -> float:
+    """CPUs to reserve for each of `workers` training workers or generation actors. One CPU stays
+    free: Ray Data feeds them with CPU tasks, and workers that reserve every CPU starve it, which
+    hangs the job. With GPUs doing the work one CPU each is plenty; on CPUs the rest is shared
+    out (Ray sizes torch's thread pool to it)."""
+    share = (cluster_resource("CPU") - 1) / workers
+    if use_gpu or share < 1:
+        return max(0.0, min(1.0, share))
+    return float(math.floor(share))

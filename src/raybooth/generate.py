@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raybooth.cluster import check_fits, cluster_resource, connect, decide_use_gpu
+from raybooth.cluster import check_fits, cluster_resource, connect, cpus_per_worker, decide_use_gpu
 from raybooth.config import GenerateConfig
 from raybooth.errors import RayboothError
 from raybooth.log import log, quiet_model_libraries
@@ -122,13 +122,14 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     use_gpu = decide_use_gpu(cfg.use_gpu)
     actors = cfg.num_workers or (int(cluster_resource("GPU")) if use_gpu else 1)
     actors = max(1, min(actors, math.ceil(len(todo) / cfg.batch_size)))
-    check_fits(f"generation with {actors} actors", actors, "GPU" if use_gpu else "CPU")
+    if use_gpu:
+        check_fits(f"generation with {actors} actors", actors, "GPU")
 
     import ray.data
 
     images = ray.data.from_items(todo).map_batches(
         ImageGenerator, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=1 if use_gpu else 0,
+        num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_worker(actors, use_gpu),
         fn_constructor_kwargs=dict(model_dir=str(model_dir), use_gpu=use_gpu, dtype=cfg.dtype, resolution=resolution,
                                    num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                                    safety_checker=cfg.safety_checker))

@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from raybooth.cluster import check_fits, connect, cpus_per_train_worker, decide_use_gpu, node_count
+from raybooth.cluster import check_fits, connect, cpus_per_worker, decide_use_gpu, node_count
 from raybooth.config import GenerateConfig, TrainConfig
 from raybooth.data import build_train_dataset, tokenize
 from raybooth.errors import RayboothError
@@ -101,7 +101,7 @@ def fit(cfg: TrainConfig, model_dir: Path, pairs: int, dataset, use_gpu: bool, g
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    resources = {"CPU": cpus_per_train_worker(cfg.num_workers)}
+    resources = {"CPU": cpus_per_worker(cfg.num_workers, use_gpu)}
     if use_gpu:
         resources["GPU"] = gpus_per_worker
     trainer = TorchTrainer(

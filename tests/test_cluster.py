@@ -1,0 +1,48 @@
+import pytest
+
+from raybooth import cluster
+from raybooth.errors import RayboothError
+
+
+@pytest.fixture
+def fake_cluster(monkeypatch):
+    resources = {}
+    monkeypatch.setattr(cluster, "cluster_resource", lambda name: resources.get(name, 0.0))
+    monkeypatch.setattr(cluster, "_started_here", True)
+    return resources
+
+
+def test_one_cpu_always_stays_free_for_ray_data(fake_cluster):
+    fake_cluster["CPU"] = 2  # the CI machine
+    assert cluster.cpus_per_worker(1, use_gpu=False) == 1
+    assert cluster.cpus_per_worker(2, use_gpu=False) == 0.5
+    fake_cluster["CPU"] = 1
+    assert cluster.cpus_per_worker(1, use_gpu=False) == 0
+
+
+def test_cpu_workers_share_the_cpus_and_gpu_workers_take_one(fake_cluster):
+    fake_cluster["CPU"] = 16
+    assert cluster.cpus_per_worker(1, use_gpu=False) == 15
+    assert cluster.cpus_per_worker(4, use_gpu=False) == 3
+    assert cluster.cpus_per_worker(4, use_gpu=True) == 1
+
+
+def test_gpus_are_used_by_default_when_the_cluster_has_them(fake_cluster):
+    assert cluster.decide_use_gpu(None) is False
+    assert cluster.decide_use_gpu(False) is False
+    with pytest.raises(RayboothError, match="sees no GPU"):
+        cluster.decide_use_gpu(True)
+    fake_cluster["GPU"] = 2
+    assert cluster.decide_use_gpu(None) is True
+    assert cluster.decide_use_gpu(False) is False
+
+
+def test_what_a_local_ray_cannot_grant_fails_at_once_but_an_attached_cluster_may_grow(fake_cluster, monkeypatch,
+                                                                                         capsys):
+    fake_cluster["GPU"] = 2
+    cluster.check_fits("2 workers", 2, "GPU")
+    with pytest.raises(RayboothError, match="4 workers needs 4 GPUs but the Ray cluster has 2"):
+        cluster.check_fits("4 workers", 4, "GPU")
+    monkeypatch.setattr(cluster, "_started_here", False)
+    cluster.check_fits("4 workers", 4, "GPU")
+    assert "waiting for the cluster to grow" in capsys.readouterr().err
