@@ -16,6 +16,7 @@ from PIL import Image
 
 from raybooth.images import exif_orientation
 
+
 def tokenize(tokenizer, prompt: str) -> np.ndarray:
     """Prompt ids padded to the text encoder's full context, as SD was trained."""
     return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,

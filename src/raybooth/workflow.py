@@ -15,9 +15,14 @@ from typing import Any
 
 from raybooth.config import GenerateConfig, RunConfig, TrainConfig
 from raybooth.errors import RayboothError
+from raybooth.generate import generate
+from raybooth.hub import cache_model
+from raybooth.images import image_files
 from raybooth.log import log
 from raybooth.models import check_output_dir, resolve_model_dir
 from raybooth.prompts import class_prompt, instance_prompt, sample_prompts
+from raybooth.tiny import write_demo_subject, write_tiny_model
+from raybooth.trainer import train
 
 DEMO_CLASS_NOUN = "toy car"
 # The demo trains the tiny model hard enough in about a minute of CPU time for the loss to fall.
@@ -45,14 +50,9 @@ def run(cfg: RunConfig, training: dict[str, Any]) -> Path:
         instance_prompt=instance_prompt(cfg.unique_token, noun), class_images_dir=work_dir / "images-reg",
         class_prompt=class_prompt(noun), class_noun=noun, overwrite=cfg.overwrite,
         **(DEMO_TRAINING if cfg.uses_tiny_model else {}) | training)
-    from raybooth.trainer import train
-
     train(train_cfg)
 
     # Samples of an earlier tuned model would pass for this one's: clear them first.
-    from raybooth.generate import generate
-    from raybooth.images import image_files
-
     for stale in image_files(samples_dir):
         stale.unlink()
     samples = generate(GenerateConfig(
@@ -70,21 +70,14 @@ def pretrained_model(cfg: RunConfig, cache_dir: Path) -> Path:
     if cfg.model_dir:
         return resolve_model_dir(cfg.model_dir)
     if cfg.model_name:
-        from raybooth.hub import cache_model
-
         return cache_model(cfg.model_name, cfg.revision, cache_dir)
     if (cache_dir / "model_index.json").exists():
         return resolve_model_dir(cache_dir)
-    from raybooth.tiny import write_tiny_model
-
     log(f"writing the tiny demo model to {cache_dir}")
     return write_tiny_model(cache_dir)
 
 
 def demo_subject(folder: Path) -> Path:
-    from raybooth.images import image_files
-    from raybooth.tiny import write_demo_subject
-
     if not image_files(folder):
         write_demo_subject(folder)
     return folder
