@@ -15,7 +15,6 @@ from raybooth.errors import RayboothError
 
 # What training and generation need; a pipeline may carry more (safety checker, feature extractor).
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-TRAINABLE_COMPONENTS = ("unet", "text_encoder")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 TRAINING_LOG = "training_log.json"  # written beside the fine-tuned pipeline
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
