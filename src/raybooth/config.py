@@ -102,8 +102,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         positive(num_class_images=self.num_class_images, train_batch_size=self.train_batch_size,
-                 num_epochs=self.num_epochs,
-                 max_train_steps=self.max_train_steps, num_workers=self.num_workers,
+                 num_epochs=self.num_epochs, max_train_steps=self.max_train_steps, num_workers=self.num_workers,
                  report_every_n_steps=self.report_every_n_steps, sample_batch_size=self.sample_batch_size,
                  num_inference_steps=self.num_inference_steps)
         if self.lr <= 0:

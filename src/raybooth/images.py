@@ -64,4 +64,3 @@ def exif_orientation(path: Path) -> int:
     with a tag saying so, which Ray Data's read_images does not apply."""
     with Image.open(path) as image:
         return image.getexif().get(ORIENTATION_TAG, 1)
-

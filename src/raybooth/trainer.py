@@ -57,9 +57,9 @@ def check_inputs(cfg: TrainConfig) -> tuple[Path, int, list[Path]]:
     check_prompts(cfg.instance_prompt, cfg.class_prompt, cfg.class_noun)
     instance_paths = find_images(cfg.instance_images_dir, "instance images")
     find_images(cfg.class_images_dir, "class images", may_be_empty=True)  # missing ones are made later
-    if max(len(instance_paths), cfg.num_class_images) < cfg.num_workers:
-        raise RayboothError(f"{max(len(instance_paths), cfg.num_class_images)} instance/class pairs cannot "
-                            f"feed {cfg.num_workers} workers")
+    pairs = max(len(instance_paths), cfg.num_class_images)
+    if pairs < cfg.num_workers:
+        raise RayboothError(f"{pairs} instance/class pairs cannot feed {cfg.num_workers} workers")
     return model_dir, resolution, instance_paths
 
 
@@ -81,9 +81,9 @@ def top_up_class_images(cfg: TrainConfig, model_dir: Path, resolution: int, use_
     """The `num_class_images` class images to train with: the user's own first, then ones the
     pretrained model generates for the class prompt (made now if missing). Images generated
     for another class prompt, as after a change of class, are left out."""
-    files = image_files(cfg.class_images_dir)
-    own = [p for p in files if generated_for(p.name) is None][:cfg.num_class_images]
-    foreign = [p for p in files if generated_for(p.name) not in (None, prompt_digest(cfg.class_prompt))]
+    made_for = {path: generated_for(path.name) for path in image_files(cfg.class_images_dir)}
+    own = [path for path, digest in made_for.items() if digest is None][:cfg.num_class_images]
+    foreign = [path for path, digest in made_for.items() if digest not in (None, prompt_digest(cfg.class_prompt))]
     if foreign:
         log(f"leaving out {len(foreign)} images in {cfg.class_images_dir} generated for another class prompt")
     missing = cfg.num_class_images - len(own)
