@@ -1,5 +1,6 @@
-"""GPU checks that CI (CPU only) cannot make: the cross-device step of --gpus_per_worker 2 (text
-encoder on another device than the UNet), and bf16/fp16 steps on CUDA with fused AdamW.
+"""GPU checks that CI (CPU only) cannot make: the CUDA-graph step gives the eager step's losses
+and weights, bf16 and fp16 steps run with fused AdamW, and the cross-device step of
+--gpus_per_worker 2 (text encoder on another device than the UNet) trains.
 
     python bench/gpu_check.py MODEL_DIR     # MODEL_DIR: e.g. a `raybooth tiny-model` folder
 """
@@ -9,21 +10,41 @@ import sys
 import torch
 
 from raybooth.data import tokenize
+from raybooth.graphs import GraphedStep
 from raybooth.models import load_for_training, load_tokenizer
-from raybooth.training import Precision, make_optimizer, train_step
+from raybooth.training import Batch, Precision, make_optimizer, train_step
 
 model_dir = sys.argv[1]
 cuda, cpu = torch.device("cuda"), torch.device("cpu")
 ids = tokenize(load_tokenizer(model_dir), "a photo of unqtkn toy car")
-prompt_ids = torch.from_numpy(ids).repeat(4, 1)
-pixels = torch.rand(4, 3, 64, 64) * 2 - 1
-for mode, text_device in [("bf16", cuda), ("fp16", cuda), ("bf16", cpu)]:
+batch = Batch(torch.rand(4, 3, 64, 64, device=cuda) * 2 - 1, torch.from_numpy(ids).repeat(4, 1).to(cuda))
+
+
+def run(mode, text_device, graph, steps=8):
+    torch.manual_seed(0)
     precision = Precision(mode, cuda)
     models = load_for_training(model_dir, cuda, text_device, precision.frozen_dtype, train_text_encoder=True)
     optimizer = make_optimizer(models.trainable_parameters(), lr=1e-4)
     before = models.text_encoder.get_input_embeddings().weight.detach().clone()
-    losses = [train_step(models, optimizer, precision, pixels.to(cuda), prompt_ids, 1.0, 1.0).total.item()
-              for _ in range(5)]
+
+    def step(b):
+        return train_step(models, optimizer, precision, b, 1.0, 1.0)
+
+    def zero_grad():
+        optimizer.zero_grad(set_to_none=True)
+
+    stepper = GraphedStep(step, zero_grad) if graph else (lambda b: (step(b), zero_grad())[0])
+    losses = [stepper(batch).total.item() for _ in range(steps)]
     moved = not torch.equal(before, models.text_encoder.get_input_embeddings().weight.detach())
-    print(f"{mode} text encoder on {text_device}: losses {[round(v, 4) for v in losses]}, "
-          f"text encoder trained: {moved}, fused AdamW: {optimizer.defaults.get('fused')}", flush=True)
+    print(f"{mode} text encoder on {text_device}, graph {graph}: losses {[round(v, 4) for v in losses]}, "
+          f"text encoder trained: {moved}", flush=True)
+    return losses, models.unet.conv_in.weight.detach().clone()
+
+
+eager_losses, eager_weight = run("bf16", cuda, graph=False)
+graph_losses, graph_weight = run("bf16", cuda, graph=True)
+# The same seed draws the same noise and timesteps eagerly and in the graph.
+print("graph matches eager:", torch.allclose(torch.tensor(eager_losses), torch.tensor(graph_losses), rtol=2e-2),
+      "max weight difference:", (eager_weight - graph_weight).abs().max().item(), flush=True)
+run("fp16", cuda, graph=False)
+run("bf16", cpu, graph=False)

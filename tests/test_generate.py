@@ -10,7 +10,8 @@ from PIL import Image
 
 from raybooth.config import GenerateConfig
 from raybooth.errors import RayboothError
-from raybooth.generate import ImageGenerator, generate, generated_for, image_name, image_seed, missing_images
+from raybooth.generate import (ImageGenerator, encode_pngs, generate, generated_for, image_name, image_seed,
+                               missing_images)
 from raybooth.images import image_files
 
 PROMPTS = ["a photo of a toy car", "a toy car on the beach"]
@@ -86,4 +87,6 @@ def test_the_generator_actor_uses_the_device_it_was_given(tiny_model_dir):
     assert generator.pipeline.safety_checker is None
     out = generator({"prompt": np.array(PROMPTS), "seed": np.array([1, 2]), "file": np.array(["a.png", "b.png"])})
     assert out["file"] == ["a.png", "b.png"]
-    assert [Image.open(io.BytesIO(png)).size for png in out["png"]] == [(64, 64)] * 2
+    assert [image.shape for image in out["image"]] == [(64, 64, 3)] * 2 and out["image"][0].dtype == np.uint8
+    pngs = encode_pngs({"file": np.array(out["file"]), "image": out["image"]})["png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(pngs[1]))), out["image"][1])

@@ -2,7 +2,7 @@ import pytest
 from PIL import Image
 
 from raybooth.errors import RayboothError
-from raybooth.images import ORIENTATION_TAG, exif_orientation, find_images, image_files
+from raybooth.images import find_images, image_files
 
 from conftest import write_solid_images
 
@@ -45,13 +45,3 @@ def test_a_corrupt_image_is_named(tmp_path, damage):
         broken.write_bytes(broken.read_bytes()[:2000])
     with pytest.raises(RayboothError, match="broken.jpg is not a readable image"):
         find_images(tmp_path, "instance images")
-
-
-def test_exif_orientation_is_read(tmp_path):
-    image = Image.new("RGB", (40, 20))
-    exif = image.getexif()
-    exif[ORIENTATION_TAG] = 6
-    image.save(tmp_path / "sideways.jpg", exif=exif)
-    image.save(tmp_path / "plain.jpg")
-    assert exif_orientation(tmp_path / "sideways.jpg") == 6
-    assert exif_orientation(tmp_path / "plain.jpg") == 1

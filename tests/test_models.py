@@ -4,8 +4,8 @@ import shutil
 import pytest
 
 from raybooth.errors import RayboothError
-from raybooth.models import (assemble_pipeline, check_output_dir, resolve_model_dir, resolve_resolution,
-                             write_model_dir)
+from raybooth.models import (check_output_dir, copy_base_components, copy_trained, finish_model_dir, resolve_model_dir,
+                             resolve_resolution, start_model_dir, write_model_dir)
 
 HASH = "0123456789abcdef0123456789abcdef01234567"
 
@@ -122,7 +122,11 @@ def test_assembled_pipeline_takes_trained_parts_and_copies_the_rest(tiny_model_d
     shutil.copytree(tiny_model_dir / "unet", trained / "unet")
     (trained / "unet" / "config.json").write_text(json.dumps({"marker": "trained"}))
     (trained / "training_log.json").write_text("{}")
-    output = assemble_pipeline(snapshot, trained, tmp_path / "out", overwrite=False)
+    partial = start_model_dir(tmp_path / "out", overwrite=False)
+    copy_base_components(snapshot, partial, skip=("unet",))
+    assert not (partial / "unet").exists()
+    copy_trained(trained, partial)
+    output = finish_model_dir(partial, tmp_path / "out")
     assert json.loads((output / "unet" / "config.json").read_text()) == {"marker": "trained"}
     assert (output / "training_log.json").exists()
     for part in ("vae", "text_encoder", "tokenizer", "scheduler"):

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from raybooth.cli import main
 from raybooth.config import TrainConfig
-from raybooth.trainer import top_up_class_images
-from raybooth.generate import image_name
+from raybooth.generate import image_name, image_seed
+from raybooth.trainer import plan_class_images
 
 from conftest import write_solid_images
 
@@ -43,11 +43,19 @@ def test_train_on_two_workers_writes_a_pipeline_that_diffusers_loads(ray_cluster
     assert main(train_args(tiny_model_dir, output, subject_dir, class_dir, "--num_workers", "2", "--no_use_gpu",
                            "--train_batch_size", "2", "--num_epochs", "3", "--lr", "1e-4")) == 0
 
-    # The class folder was topped up with generated images first.
+    # The workers topped the class folder up, two images each, with the model they then trained...
     assert sorted(p.name for p in class_dir.iterdir()) == [image_name(CLASS_PROMPT, i) for i in range(4)]
-    # 5 pairs over 2 workers: 2 rows each, one batch of 2 per epoch, 3 epochs.
+    # ... and made them as `raybooth generate` does: the same seed gives the same image.
+    assert main(["generate", "--model_dir", str(tiny_model_dir), "--output_dir", str(tmp_path / "again"),
+                 "--prompts", CLASS_PROMPT, "--num_samples_per_prompt", "2", "--num_inference_steps", "2",
+                 "--no_use_gpu"]) == 0
+    for index in range(2):
+        name = image_name(CLASS_PROMPT, index)
+        np.testing.assert_array_equal(np.asarray(Image.open(class_dir / name)), np.asarray(Image.open(tmp_path / "again" / name)))
+    # 5 photos and 4 class images over 2 workers: 3 pairs each (the photos shared out), so two
+    # batches of 2 per epoch (the second topped up), 3 epochs.
     log = json.loads((output / "training_log.json").read_text())
-    assert [row["step"] for row in log["history"]] == [1, 2, 3]
+    assert [row["step"] for row in log["history"]] == [1, 2, 3, 4, 5, 6]
     assert log["world_size"] == 2 and log["config"]["instance_prompt"] == INSTANCE_PROMPT
     assert all(np.isfinite(row["loss"]) for row in log["history"])
 
@@ -81,6 +89,23 @@ def test_output_with_a_model_is_kept_unless_overwrite(ray_cluster, tiny_model_di
     assert sorted(p.name for p in class_dir.iterdir()) == [f"{i:03d}.png" for i in range(4)]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial folders
     assert not list((tmp_path / "ray-storage").rglob("*.safetensors"))  # no second copy of the weights
+
+
+def test_a_worker_that_cannot_see_the_output_hands_its_weights_over_as_a_checkpoint(
+        ray_cluster, tiny_model_dir, subject_dir, tmp_path, monkeypatch, capsys):
+    # Rank 0 writes straight into the output's partial folder only where it finds the driver's
+    # token there (same node, or shared storage). A token of another name stands in for a worker
+    # on another node: the weights then travel through Ray Train's storage.
+    monkeypatch.setattr("raybooth.trainer.OUTPUT_TOKEN", ".elsewhere")
+    output, class_dir = tmp_path / "tuned", tmp_path / "class"
+    write_solid_images(class_dir, (0, 0, 200), 4)
+    assert main(train_args(tiny_model_dir, output, subject_dir, class_dir, "--max_train_steps", "3")) == 0
+    assert "taking the weights from its Ray Train checkpoint" in capsys.readouterr().err
+    assert len(json.loads((output / "training_log.json").read_text())["history"]) == 3
+    assert differs(weights(output, "unet"), weights(tiny_model_dir, "unet"))
+    StableDiffusionPipeline.from_pretrained(output)
+    assert sorted(p.name for p in output.iterdir() if p.name.startswith(".")) == []  # no token left behind
+    assert not list((tmp_path / "ray-storage").rglob("*.safetensors"))  # the checkpoint was cleared
 
 
 def break_model(model_dir):
@@ -124,25 +149,19 @@ def test_bad_input_fails_with_one_line_before_ray_starts(model_copy, tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
-def test_class_images_are_the_users_own_first_then_generated_for_this_prompt(tmp_path, monkeypatch):
+def test_class_images_are_the_users_own_first_then_generated_for_this_prompt(tmp_path):
     folder = tmp_path / "class"
     own = write_solid_images(folder, (0, 0, 200), 2)
     for prompt, count in (("a photo of a toy car", 3), ("a photo of a toy truck", 1)):
         for index in range(count):
             write_solid_images(tmp_path / "tmp", (9, 9, 9), 1)[0].rename(folder / image_name(prompt, index))
-    asked = []
-
-    def fake_generate(cfg):
-        asked.append(cfg)
-        return [folder / image_name(cfg.prompts[0], i) for i in range(cfg.num_samples_per_prompt)]
-
-    monkeypatch.setattr("raybooth.trainer.generate", fake_generate)
     cfg = TrainConfig(model_dir=tmp_path, output_dir=tmp_path / "out", instance_images_dir=tmp_path,
                       instance_prompt="a photo of sks toy truck", class_images_dir=folder,
                       class_prompt="a photo of a toy truck", num_class_images=4)
-    chosen = top_up_class_images(cfg, tmp_path, 64, use_gpu=False)
-    # The toy car images, made for an earlier class prompt, are not toy trucks.
-    assert chosen == own + [folder / image_name("a photo of a toy truck", i) for i in range(2)]
-    assert asked[0].num_samples_per_prompt == 2 and asked[0].safety_checker is False
-    assert top_up_class_images(replace(cfg, num_class_images=1), tmp_path, 64, use_gpu=False) == own[:1]
-    assert len(asked) == 1
+    entries = plan_class_images(cfg)
+    # The toy car images, made for an earlier class prompt, are not toy trucks: the one truck
+    # image is kept, the other is to be made, with the seed `raybooth generate` would give it.
+    truck = "a photo of a toy truck"
+    assert entries == [{"path": str(path)} for path in own + [folder / image_name(truck, 0)]] + [
+        {"prompt": truck, "seed": image_seed(0, truck, 1), "file": image_name(truck, 1)}]
+    assert plan_class_images(replace(cfg, num_class_images=1)) == [{"path": str(own[0])}]

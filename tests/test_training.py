@@ -5,8 +5,8 @@ from diffusers import DDPMScheduler
 
 from raybooth.data import tokenize
 from raybooth.models import load_for_training, load_tokenizer
-from raybooth.training import (Precision, diffusion_target, dreambooth_loss, make_optimizer,
-                               prior_preservation_loss, train_step)
+from raybooth.training import (Batch, Precision, diffusion_target, dreambooth_loss, latent_distribution,
+                               make_optimizer, prior_preservation_loss, sample_latents, train_step)
 
 CPU = torch.device("cpu")
 
@@ -35,19 +35,19 @@ def test_target_follows_prediction_type():
         diffusion_target(DDPMScheduler(prediction_type="sample"), latents, noise, timesteps)
 
 
-def fixed_batch(model_dir, size=64):
-    """Two instance and two class examples, as join_instance_and_class lays them out."""
+def fixed_batch(model_dir, size=64) -> Batch:
+    """Two instance and two class examples, instance rows first."""
     tokenizer = load_tokenizer(model_dir)
     generator = torch.Generator().manual_seed(0)
     pixels = torch.rand(4, 3, size, size, generator=generator) * 2 - 1
     ids = [tokenize(tokenizer, p) for p in ["a photo of unqtkn toy car"] * 2 + ["a photo of a toy car"] * 2]
-    return pixels, torch.from_numpy(np.stack(ids))
+    return Batch(pixels, torch.from_numpy(np.stack(ids)))
 
 
-def evaluation_loss(models, pixels, prompt_ids) -> float:
+def evaluation_loss(models, batch: Batch) -> float:
     torch.manual_seed(1234)  # the same latents, noise and timesteps every time it is called
     with torch.no_grad():
-        return dreambooth_loss(models, pixels, prompt_ids, prior_loss_weight=1.0).total.item()
+        return dreambooth_loss(models, batch, prior_loss_weight=1.0).total.item()
 
 
 def snapshot(module):
@@ -66,14 +66,15 @@ def test_steps_on_a_fixed_batch_lower_the_loss_and_train_the_chosen_modules(tiny
     precision = Precision("no", CPU)
     models = load_for_training(tiny_model_dir, CPU, CPU, precision.frozen_dtype, train_text_encoder)
     optimizer = make_optimizer(models.trainable_parameters(), lr=1e-3)
-    pixels, prompt_ids = fixed_batch(tiny_model_dir)
+    batch = fixed_batch(tiny_model_dir)
     unet_before, text_before, vae_before = snapshot(models.unet), snapshot(models.text_encoder), snapshot(models.vae)
     embedding_before = models.text_encoder.get_input_embeddings().weight.detach().clone()
 
-    loss_before = evaluation_loss(models, pixels, prompt_ids)
+    loss_before = evaluation_loss(models, batch)
     for _ in range(12):
-        train_step(models, optimizer, precision, pixels, prompt_ids, prior_loss_weight=1.0, max_grad_norm=1.0)
-    loss_after = evaluation_loss(models, pixels, prompt_ids)
+        train_step(models, optimizer, precision, batch, prior_loss_weight=1.0, max_grad_norm=1.0)
+        optimizer.zero_grad(set_to_none=True)
+    loss_after = evaluation_loss(models, batch)
 
     assert loss_after < 0.8 * loss_before
     assert changed(unet_before, models.unet) > 0.95
@@ -98,9 +99,9 @@ def test_bf16_mixed_precision_keeps_small_updates_that_bf16_weights_lose(tiny_mo
     assert all(p.dtype == torch.float32 for p in parameters)
     optimizer = make_optimizer(parameters, lr=5e-6)
     before = [p.detach().clone() for p in parameters]
-    pixels, prompt_ids = fixed_batch(tiny_model_dir)
+    batch = fixed_batch(tiny_model_dir)
 
-    train_step(models, optimizer, precision, pixels, prompt_ids, prior_loss_weight=1.0, max_grad_norm=1.0)
+    train_step(models, optimizer, precision, batch, prior_loss_weight=1.0, max_grad_norm=1.0)
 
     kept = lost = total = 0
     for old, new in zip(before, parameters):
@@ -120,9 +121,10 @@ def test_fp16_mixed_precision_scales_the_loss_and_steps(tiny_model_dir):
     models = load_for_training(tiny_model_dir, CPU, CPU, precision.frozen_dtype, train_text_encoder=True)
     optimizer = make_optimizer(models.trainable_parameters(), lr=1e-4)
     before = snapshot(models.unet)
-    pixels, prompt_ids = fixed_batch(tiny_model_dir)
+    batch = fixed_batch(tiny_model_dir)
     for _ in range(3):  # the scaler may skip a first step whose scaled gradients overflow
-        loss = train_step(models, optimizer, precision, pixels, prompt_ids, prior_loss_weight=1.0, max_grad_norm=1.0)
+        loss = train_step(models, optimizer, precision, batch, prior_loss_weight=1.0, max_grad_norm=1.0)
+        optimizer.zero_grad(set_to_none=True)
     assert torch.isfinite(loss.total)
     assert changed(before, models.unet) > 0.5
 
@@ -130,3 +132,25 @@ def test_fp16_mixed_precision_scales_the_loss_and_steps(tiny_model_dir):
 def test_auto_precision_is_full_precision_on_cpu():
     assert Precision("auto", CPU).mode == "no"
     assert Precision("no", CPU).autocast().__class__.__name__ == "nullcontext"
+
+
+def test_cached_class_latents_give_the_loss_that_encoding_the_class_images_gives(tiny_model_dir):
+    """Class images at the training resolution are encoded once (batches.py): a step then draws
+    from the cached latent distribution instead of running the VAE on the same image again. With
+    the VAE's latent noise switched off, both ways must give the very same loss."""
+    models = load_for_training(tiny_model_dir, CPU, CPU, torch.float32, train_text_encoder=True)
+    quant = models.vae.quant_conv  # outputs (mean, logvar): logvar -30 makes each latent its mean
+    with torch.no_grad():
+        quant.weight[4:] = 0
+        quant.bias[4:] = -30.0
+    batch = fixed_batch(tiny_model_dir)
+    with torch.no_grad():
+        mean, std = latent_distribution(models.vae, batch.pixels[2:])
+    cached = Batch(batch.pixels[:2], batch.prompt_ids, mean, std)
+    assert evaluation_loss(models, cached) == pytest.approx(evaluation_loss(models, batch), rel=1e-5)
+    torch.manual_seed(0)
+    encoded = sample_latents(models, batch)
+    torch.manual_seed(0)
+    torch.testing.assert_close(sample_latents(models, cached), encoded)
+    swapped = Batch(batch.pixels[:2], batch.prompt_ids, mean.flip(0), std)  # class rows in the wrong order
+    assert not torch.allclose(sample_latents(models, swapped), encoded, atol=1e-3)

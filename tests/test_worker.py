@@ -1,8 +1,9 @@
 import torch
 
 from raybooth.config import TrainConfig
+from raybooth.losslog import LossLog
 from raybooth.training import Loss
-from raybooth.worker import LossLog, epochs_of_batches, planned_steps
+from raybooth.worker import TrainPlan
 
 
 def config(**overrides) -> TrainConfig:
@@ -11,28 +12,20 @@ def config(**overrides) -> TrainConfig:
     return TrainConfig(**values | overrides)
 
 
-class FakeShard:
-    def __init__(self, batches_per_epoch: int):
-        self.batches_per_epoch = batches_per_epoch
-
-    def iter_torch_batches(self, **_):
-        return iter(range(self.batches_per_epoch))
+def plan(pairs_per_worker: int) -> TrainPlan:
+    return TrainPlan(model_dir="m", resolution=64, class_images_dir="c", class_shares=[],
+                     pairs_per_worker=pairs_per_worker, output_partial="p", output_token="t")
 
 
-def test_steps_count_across_epochs_and_stop_at_max_train_steps():
-    steps = list(epochs_of_batches(FakeShard(3), config(num_epochs=4, max_train_steps=7), torch.device("cpu")))
-    assert [(step, epoch) for step, epoch, _ in steps] == [(1, 0), (2, 0), (3, 0), (4, 1), (5, 1), (6, 1), (7, 2)]
-    assert len(list(epochs_of_batches(FakeShard(3), config(num_epochs=2), torch.device("cpu")))) == 6
-
-
-def test_planned_steps_follow_the_equal_split_over_workers():
-    # 200 pairs over 2 workers: 100 rows each, batches of 4: 25 steps an epoch.
-    assert planned_steps(config(num_epochs=4, max_train_steps=800, train_batch_size=4), 200, 2) == 100
-    assert planned_steps(config(num_epochs=4, max_train_steps=30, train_batch_size=4), 200, 2) == 30
+def test_planned_steps_follow_each_workers_share():
+    # 200 class images over 2 workers: 100 pairs each, batches of 4: 25 steps an epoch.
+    assert plan(100).total_steps(config(num_epochs=4, max_train_steps=800, train_batch_size=4)) == 100
+    assert plan(100).total_steps(config(num_epochs=4, max_train_steps=30, train_batch_size=4)) == 30
+    assert plan(5).total_steps(config(num_epochs=2, train_batch_size=2)) == 6  # the last batch is topped up
 
 
 def test_loss_log_keeps_every_step_and_reports_the_window_mean():
-    log = LossLog(total_steps=4, world_size=1, verbose=False)
+    log = LossLog(total_steps=4, world_size=1, images_per_step=2, verbose=False)
     for step, value in enumerate([4.0, 2.0, 1.0, 3.0], start=1):
         log.add(step, 0, Loss(torch.tensor(value), torch.tensor(value / 2), torch.tensor(value / 2)))
         if step % 2 == 0:

@@ -19,6 +19,9 @@ def connect(address: str | None = None) -> None:
     import ray
     import ray.data
 
+    # Ray Train polls its workers every 2 s by default, so a finished run waited seconds to be
+    # noticed; the controller reads this when a TorchTrainer starts.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     if not ray.is_initialized():
         target = address or os.environ.get("RAY_ADDRESS")
         # Workers log errors only: without Ray's dashboard, Ray Train's placement group cleaner
@@ -29,10 +32,23 @@ def connect(address: str | None = None) -> None:
         resources = ray.cluster_resources()
         where = f"attached to the Ray cluster at {target}" if target else "started Ray on this machine"
         log(f"{where}: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
+        start_autoscaling_coordinator()
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # our own progress lines say what is happening
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # e.g. a warning that bars are off
+
+
+def start_autoscaling_coordinator() -> None:
+    """Ray Train's controller asks Ray Data's autoscaling coordinator (an actor) for resources,
+    giving up after 5 s; an actor started on demand takes longer than that, so a run lost 5 s
+    to the time-out. Starting it now, in the background, has it ready by then."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator)
+    except ImportError:  # an internal of Ray's that may move; without it a run is only slower
+        return
+    get_or_create_autoscaling_coordinator()
 
 
 def cluster_resource(name: str) -> float:

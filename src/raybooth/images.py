@@ -11,7 +11,6 @@ from raybooth.errors import RayboothError
 
 # What Ray Data's read_images reads, plus webp.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
-ORIENTATION_TAG = 0x0112  # EXIF
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -57,10 +56,3 @@ def check_image(path: Path) -> None:
             image.load()  # a full decode: truncated files pass Image.verify() but fail here
     except Exception as error:  # PIL raises many types for bad files
         raise RayboothError(f"{path} is not a readable image ({type(error).__name__}: {error})") from None
-
-
-def exif_orientation(path: Path) -> int:
-    """The EXIF orientation (1-8) a camera recorded: phone photos are often stored sideways
-    with a tag saying so, which Ray Data's read_images does not apply."""
-    with Image.open(path) as image:
-        return image.getexif().get(ORIENTATION_TAG, 1)

@@ -1,11 +1,21 @@
 """Progress and status lines for people, on stderr (stdout stays free for results such as paths)."""
 
 import sys
+import time
+
+_clock_start = time.time()
+
+
+def set_clock(start: float) -> None:
+    """Count elapsed time from `start` (the command's start, passed to Ray workers)."""
+    global _clock_start
+    _clock_start = start
 
 
 def log(message: str) -> None:
+    """One line, stamped with the seconds since the command started: where a run's time goes."""
     # Not print(): Ray Train patches print() on its workers and would show each line twice.
-    sys.stderr.write(f"[raybooth] {message}\n")
+    sys.stderr.write(f"[raybooth {time.time() - _clock_start:6.1f}s] {message}\n")
     sys.stderr.flush()
 
 

@@ -153,44 +153,56 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
                             "--overwrite would delete; move them out first")
 
 
-def write_model_dir(path: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
-    """Run `write(folder)` on a fresh folder beside `path`, then swap it into place: a failure
-    at any point leaves `path` as it was."""
+def start_model_dir(path: Path, overwrite: bool) -> Path:
+    """A fresh hidden folder beside `path` to write a model into; `finish_model_dir` swaps it in."""
     path = Path(path).absolute()
     check_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
     partial.mkdir()
-    try:
-        write(partial)
-        if path.exists():
-            retired = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            path.rename(retired)
-            partial.rename(path)
-            shutil.rmtree(retired)
-        else:
-            partial.rename(path)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    return partial
+
+
+def finish_model_dir(partial: Path, path: Path) -> Path:
+    """Move the written `partial` folder into place, replacing a model already there."""
+    path = Path(path).absolute()
+    if path.exists():
+        retired = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+        path.rename(retired)
+        partial.rename(path)
+        shutil.rmtree(retired)
+    else:
+        partial.rename(path)
     return path
 
 
-def assemble_pipeline(base_dir: Path, trained_dir: Path, output_dir: Path, overwrite: bool) -> Path:
-    """Write the fine-tuned pipeline: the base model's components, with those in `trained_dir`
-    (unet/, text_encoder/) in place of the originals, and any extra files (the training log)."""
+def write_model_dir(path: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
+    """Run `write(folder)` on a fresh folder beside `path`, then swap it into place: a failure
+    at any point leaves `path` as it was."""
+    partial = start_model_dir(path, overwrite)
+    try:
+        write(partial)
+        return finish_model_dir(partial, path)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def copy_base_components(base_dir: Path, folder: Path, skip: tuple[str, ...]) -> None:
+    """The base pipeline's index and components into `folder`, except those in `skip` (the ones
+    training replaces)."""
     index = read_json(base_dir / "model_index.json", "model index")
-    components = [name for name, spec in index.items() if isinstance(spec, list) and spec and spec[0]]
+    shutil.copy2(base_dir / "model_index.json", folder / "model_index.json")
+    for name, spec in index.items():
+        if isinstance(spec, list) and spec and spec[0] and name not in skip and (base_dir / name).is_dir():
+            # copytree follows the Hugging Face cache's symlinks, so the output owns its files.
+            shutil.copytree(base_dir / name, folder / name)
 
-    def write(folder: Path) -> None:
-        shutil.copy2(base_dir / "model_index.json", folder / "model_index.json")
-        for name in components:
-            source = trained_dir / name if (trained_dir / name).is_dir() else base_dir / name
-            if source.is_dir():
-                # copytree follows the Hugging Face cache's symlinks, so the output owns its files.
-                shutil.copytree(source, folder / name)
-        for extra in trained_dir.iterdir():
-            if extra.is_file():
-                shutil.copy2(extra, folder / extra.name)
 
-    return write_model_dir(output_dir, write, overwrite)
+def copy_trained(trained_dir: Path, folder: Path) -> None:
+    """What a training checkpoint holds (unet/, text_encoder/, the training log) into `folder`."""
+    for entry in trained_dir.iterdir():
+        if entry.is_dir():
+            shutil.copytree(entry, folder / entry.name)
+        else:
+            shutil.copy2(entry, folder / entry.name)

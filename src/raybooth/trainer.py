@@ -1,49 +1,67 @@
-"""Fine-tuning, driver side: check every input before Ray starts, top up the class images,
-build the Ray Data pipeline, run `train_worker` on a TorchTrainer, and turn rank 0's
-checkpoint into the output pipeline."""
+"""Fine-tuning, driver side: check every input before Ray starts, plan which class images each
+worker reads or makes, hand the images to Ray Data and the loop to a TorchTrainer, and swap the
+finished pipeline into place. The output folder is prepared before training (the base model's
+untrained parts copied in), so that rank 0 writes the trained weights straight into it."""
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import time
+import uuid
 from pathlib import Path
 
-from raybooth.cluster import check_fits, connect, cpus_per_worker, decide_use_gpu, node_count
-from raybooth.config import GenerateConfig, TrainConfig
-from raybooth.data import build_train_dataset, tokenize
+from raybooth.cluster import check_fits, cluster_resource, connect, cpus_per_worker, decide_use_gpu, node_count
+from raybooth.config import TrainConfig
+from raybooth.data import image_dataset
 from raybooth.errors import RayboothError
-from raybooth.generate import generate, generated_for, prompt_digest
+from raybooth.generate import generated_for, image_name, image_seed, missing_images, prompt_digest
 from raybooth.images import find_images, image_files
 from raybooth.log import log
-from raybooth.models import (TRAINING_LOG, assemble_pipeline, check_output_dir, load_tokenizer,
-                             resolve_model_dir, resolve_resolution)
+from raybooth.models import (TRAINING_LOG, check_output_dir, copy_base_components, copy_trained, finish_model_dir,
+                             resolve_model_dir, resolve_resolution, start_model_dir)
 from raybooth.prompts import check_prompts
-from raybooth.worker import train_worker
+from raybooth.worker import OUTPUT_TOKEN, TrainPlan, train_worker
 
 
 def train(cfg: TrainConfig) -> Path:
     """Fine-tune `cfg.model_dir` on the subject; returns the output pipeline folder."""
+    started = time.time()
     model_dir, resolution, instance_paths = check_inputs(cfg)  # before Ray: bad input costs seconds
     connect(cfg.address)
     use_gpu, gpus_per_worker = worker_gpus(cfg)
-    class_paths = top_up_class_images(cfg, model_dir, resolution, use_gpu)
-
-    tokenizer = load_tokenizer(model_dir)
-    dataset = build_train_dataset(instance_paths, class_paths, tokenize(tokenizer, cfg.instance_prompt),
-                                  tokenize(tokenizer, cfg.class_prompt), resolution)
-    log(f"fine-tuning {model_dir} on {len(instance_paths)} instance and {len(class_paths)} class images "
-        f"at {resolution} px, {cfg.num_workers} worker(s) on {'GPU' if use_gpu else 'CPU'}")
-    pairs = max(len(instance_paths), len(class_paths))
-    result = fit(cfg, model_dir, pairs, dataset, use_gpu, gpus_per_worker)
-    with result.checkpoint.as_directory() as trained:
-        output_dir = assemble_pipeline(model_dir, Path(trained), cfg.output_dir, cfg.overwrite)
-    # The output now holds these weights; a second copy in storage would only fill the disk.
-    result.checkpoint.filesystem.delete_dir(result.checkpoint.path)
-    history = json.loads((output_dir / TRAINING_LOG).read_text())["history"]
-    if history:
-        window = max(1, min(10, len(history) // 2))
-        first, last = (sum(row["loss"] for row in rows) / len(rows) for rows in (history[:window], history[-window:]))
-        log(f"{len(history)} steps; mean loss of the first {window} steps {first:.4f}, of the last {window} {last:.4f}")
+    class_entries = plan_class_images(cfg)
+    samples = plan_samples(cfg)
+    partial = start_model_dir(cfg.output_dir, cfg.overwrite)
+    try:
+        copy_base_components(model_dir, partial, skip=("unet", "text_encoder") if cfg.train_text_encoder else ("unet",))
+        token = uuid.uuid4().hex
+        (partial / OUTPUT_TOKEN).write_text(token)
+        shares = [class_entries[rank::cfg.num_workers] for rank in range(cfg.num_workers)]
+        plan = TrainPlan(
+            model_dir=model_dir, resolution=resolution, class_images_dir=class_dir(cfg), class_shares=shares,
+            output_partial=str(partial), output_token=token, started_at=started,
+            pairs_per_worker=max(math.ceil(len(instance_paths) / cfg.num_workers), max(map(len, shares))),
+            samples_dir=cfg.samples_dir and Path(cfg.samples_dir).expanduser().absolute(),
+            sample_shares=[samples[rank::cfg.num_workers] for rank in range(cfg.num_workers)] if samples else [])
+        to_make = sum("file" in entry for entry in class_entries)
+        log(f"fine-tuning {model_dir} on {len(instance_paths)} instance and {len(class_entries)} class images "
+            f"({to_make} to generate first) at {resolution} px, {cfg.num_workers} worker(s) on "
+            f"{'GPU' if use_gpu else 'CPU'}")
+        result = fit(cfg, plan, datasets(instance_paths, shares, resolution), use_gpu, gpus_per_worker)
+        log("workers finished")
+        if not (partial / TRAINING_LOG).exists():
+            log("rank 0 could not see the output folder; taking the weights from its Ray Train checkpoint")
+            with result.checkpoint.as_directory() as trained:
+                copy_trained(Path(trained), partial)
+            result.checkpoint.filesystem.delete_dir(result.checkpoint.path)
+        (partial / OUTPUT_TOKEN).unlink()
+        output_dir = finish_model_dir(partial, cfg.output_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    summarize(json.loads((output_dir / TRAINING_LOG).read_text())["history"])
     log(f"wrote the fine-tuned pipeline to {output_dir}")
     return output_dir
 
@@ -57,9 +75,9 @@ def check_inputs(cfg: TrainConfig) -> tuple[Path, int, list[Path]]:
     check_prompts(cfg.instance_prompt, cfg.class_prompt, cfg.class_noun)
     instance_paths = find_images(cfg.instance_images_dir, "instance images")
     find_images(cfg.class_images_dir, "class images", may_be_empty=True)  # missing ones are made later
-    pairs = max(len(instance_paths), cfg.num_class_images)
-    if pairs < cfg.num_workers:
-        raise RayboothError(f"{pairs} instance/class pairs cannot feed {cfg.num_workers} workers")
+    if cfg.num_class_images < cfg.num_workers:
+        raise RayboothError(f"--num_class_images {cfg.num_class_images} cannot feed {cfg.num_workers} workers: "
+                            "each needs at least one class image")
     return model_dir, resolution, instance_paths
 
 
@@ -77,27 +95,59 @@ def worker_gpus(cfg: TrainConfig) -> tuple[bool, int]:
     return use_gpu, cfg.gpus_per_worker if use_gpu else 0
 
 
-def top_up_class_images(cfg: TrainConfig, model_dir: Path, resolution: int, use_gpu: bool) -> list[Path]:
+def class_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.class_images_dir).expanduser().absolute()  # workers run in a folder of their own
+
+
+def plan_class_images(cfg: TrainConfig) -> list[dict]:
     """The `num_class_images` class images to train with: the user's own first, then ones the
-    pretrained model generates for the class prompt (made now if missing). Images generated
-    for another class prompt, as after a change of class, are left out."""
-    made_for = {path: generated_for(path.name) for path in image_files(cfg.class_images_dir)}
+    pretrained model generates for the class prompt ({"path"} where made already, {"prompt",
+    "seed", "file"} where the workers are to make them). Images generated for another class
+    prompt, as after a change of class, are left out."""
+    folder = class_dir(cfg)
+    made_for = {path: generated_for(path.name) for path in image_files(folder)}
     own = [path for path, digest in made_for.items() if digest is None][:cfg.num_class_images]
     foreign = [path for path, digest in made_for.items() if digest not in (None, prompt_digest(cfg.class_prompt))]
     if foreign:
-        log(f"leaving out {len(foreign)} images in {cfg.class_images_dir} generated for another class prompt")
-    missing = cfg.num_class_images - len(own)
-    if missing <= 0:
-        return own
-    # No safety checker: the black images it returns for flagged samples would teach the prior.
-    return own + generate(GenerateConfig(
-        model_dir=model_dir, output_dir=cfg.class_images_dir, prompts=[cfg.class_prompt],
-        num_samples_per_prompt=missing, batch_size=cfg.sample_batch_size, num_inference_steps=cfg.num_inference_steps,
-        guidance_scale=cfg.guidance_scale, resolution=resolution, seed=cfg.seed, safety_checker=False,
-        use_gpu=use_gpu, address=cfg.address))
+        log(f"leaving out {len(foreign)} images in {folder} generated for another class prompt")
+    count = max(0, cfg.num_class_images - len(own))
+    to_make = missing_images([cfg.class_prompt], count, folder, cfg.seed)
+    made = [folder / image_name(cfg.class_prompt, index) for index in range(count)]
+    if to_make:
+        folder.mkdir(parents=True, exist_ok=True)
+    return ([{"path": str(path)} for path in own + made if path.exists()]
+            + [{"prompt": row["prompt"], "seed": row["seed"], "file": row["file"]} for row in to_make])
 
 
-def fit(cfg: TrainConfig, model_dir: Path, pairs: int, dataset, use_gpu: bool, gpus_per_worker: int):
+def plan_samples(cfg: TrainConfig) -> list[dict]:
+    """The samples to make after training ({"prompt", "seed", "file"}), named and seeded as
+    `raybooth generate` names and seeds them; an earlier run's samples in the folder are replaced."""
+    if not cfg.sample_prompts:
+        return []
+    folder = Path(cfg.samples_dir).expanduser().absolute()
+    if folder.exists() and not folder.is_dir():
+        raise RayboothError(f"--samples_dir {folder} is a file, not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"prompt": prompt, "seed": image_seed(cfg.seed, prompt, index), "file": image_name(prompt, index)}
+            for prompt in cfg.sample_prompts for index in range(cfg.num_samples_per_prompt)]
+    for row in rows:  # an earlier model's sample would pass for this one's
+        (folder / row["file"]).unlink(missing_ok=True)
+    return rows
+
+
+def datasets(instance_paths: list[Path], shares: list[list[dict]], resolution: int) -> dict:
+    """Ray Data reads the images: all instance images for every worker, and each worker's own
+    class images as a dataset of its own ("class_RANK"), so none is read twice or dropped."""
+    parallelism = max(1, int(cluster_resource("CPU")) - len(shares))
+    out = {"instance": image_dataset(instance_paths, resolution, parallelism)}
+    for rank, share in enumerate(shares):
+        paths = [Path(entry["path"]) for entry in share if "path" in entry]
+        if paths:
+            out[f"class_{rank}"] = image_dataset(paths, resolution, max(1, parallelism // len(shares)))
+    return out
+
+
+def fit(cfg: TrainConfig, plan: TrainPlan, train_datasets: dict, use_gpu: bool, gpus_per_worker: int):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -106,18 +156,25 @@ def fit(cfg: TrainConfig, model_dir: Path, pairs: int, dataset, use_gpu: bool, g
         resources["GPU"] = gpus_per_worker
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg, "model_dir": model_dir, "pairs": pairs},
+        train_loop_config={"config": cfg, "plan": plan},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=f"raybooth-{time.strftime('%Y%m%d-%H%M%S')}",
                                        storage_path=absolute_storage_path(cfg.storage_path)),
-        datasets={"train": dataset})
+        datasets=train_datasets, dataset_config=ray.train.DataConfig(datasets_to_split=[]))
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         raise RayboothError(f"training failed on a worker: {lines[-1] if lines else error!r} "
                             "(its traceback is printed above)") from None
+
+
+def summarize(history: list[dict]) -> None:
+    if history:
+        window = max(1, min(10, len(history) // 2))
+        first, last = (sum(row["loss"] for row in rows) / len(rows) for rows in (history[:window], history[-window:]))
+        log(f"{len(history)} steps; mean loss of the first {window} steps {first:.4f}, of the last {window} {last:.4f}")
 
 
 def absolute_storage_path(storage_path: str | None) -> str | None:

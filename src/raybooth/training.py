@@ -80,17 +80,47 @@ def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor
     raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
 
-def dreambooth_loss(models: DreamBoothModels, pixels: torch.Tensor, prompt_ids: torch.Tensor,
-                    prior_loss_weight: float) -> Loss:
-    """`pixels` holds the instance images then the class images; `prompt_ids` matches row for row."""
+@dataclass
+class Batch:
+    """One step's examples, instance rows first, then class rows; `prompt_ids` matches row for row.
+    Class images whose VAE latents were computed once come as that latent distribution (mean,
+    std) instead of pixels: they are at the training resolution already, so encoding them each
+    step would give the same distribution again."""
+
+    pixels: torch.Tensor  # images to encode this step, in [-1, 1]: the instance crops (and class crops)
+    prompt_ids: torch.Tensor
+    class_latent_mean: torch.Tensor | None = None
+    class_latent_std: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in
+                       (self.pixels, self.prompt_ids, self.class_latent_mean, self.class_latent_std)))
+
+
+def latent_distribution(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE's latent distribution for `pixels`, unscaled, in fp32."""
+    latent_dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return latent_dist.mean.float(), latent_dist.std.float()
+
+
+def sample_latents(models: DreamBoothModels, batch: Batch) -> torch.Tensor:
+    """Scaled latents of every row: one fresh draw from each image's latent distribution, cached
+    or encoded now, with one call for the noise, so both ways consume the same random numbers."""
     with torch.no_grad():
-        latent_dist = models.vae.encode(pixels.to(models.device, models.vae.dtype)).latent_dist
-        latents = latent_dist.sample().float() * models.vae.config.scaling_factor
+        mean, std = latent_distribution(models.vae, batch.pixels)
+        if batch.class_latent_mean is not None:
+            mean, std = torch.cat([mean, batch.class_latent_mean]), torch.cat([std, batch.class_latent_std])
+        latents = mean + std * torch.randn_like(std)
+    return latents * models.vae.config.scaling_factor
+
+
+def dreambooth_loss(models: DreamBoothModels, batch: Batch, prior_loss_weight: float) -> Loss:
+    latents = sample_latents(models, batch)
     noise = torch.randn_like(latents)
     timesteps = torch.randint(0, models.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                               device=latents.device)
     noisy_latents = models.noise_scheduler.add_noise(latents, noise, timesteps)
-    prediction = models.unet(noisy_latents, timesteps, models.encode_prompts(prompt_ids)).sample
+    prediction = models.unet(noisy_latents, timesteps, models.encode_prompts(batch.prompt_ids)).sample
     target = diffusion_target(models.noise_scheduler, latents, noise, timesteps)
     return prior_preservation_loss(prediction, target, prior_loss_weight)
 
@@ -129,7 +159,9 @@ class Precision:
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.mode == "no":
             return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
+        # While a CUDA graph is captured, autocast's cache of cast weights would outlive the capture.
+        capturing = self.device_type == "cuda" and torch.cuda.is_current_stream_capturing()
+        return torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=not capturing)
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -149,19 +181,18 @@ class Precision:
 
 
 def make_optimizer(parameters: list[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
-    # The fused kernel is one launch for all parameters instead of several per tensor: on GPU
-    # a DreamBooth step is launch-bound, not compute-bound.
-    fused = all(p.device.type == "cuda" for p in parameters)
-    return torch.optim.AdamW(parameters, lr=lr, fused=fused or None)
+    # The fused kernel is one launch for all parameters instead of several per tensor; capturable
+    # keeps its step count on the GPU, so a CUDA graph can replay it (graphs.py).
+    on_gpu = all(p.device.type == "cuda" for p in parameters)
+    return torch.optim.AdamW(parameters, lr=lr, fused=on_gpu or None, capturable=on_gpu)
 
 
-def train_step(models: DreamBoothModels, optimizer: torch.optim.Optimizer, precision: Precision,
-               pixels: torch.Tensor, prompt_ids: torch.Tensor, prior_loss_weight: float,
-               max_grad_norm: float) -> Loss:
-    """One optimizer step on one batch of instance + class examples."""
+def train_step(models: DreamBoothModels, optimizer: torch.optim.Optimizer, precision: Precision, batch: Batch,
+               prior_loss_weight: float, max_grad_norm: float) -> Loss:
+    """One optimizer step on one batch of instance + class examples. Gradients are left for the
+    caller to clear (`optimizer.zero_grad`), so that a CUDA graph can capture the step whole."""
     with precision.autocast():
-        loss = dreambooth_loss(models, pixels, prompt_ids, prior_loss_weight)
+        loss = dreambooth_loss(models, batch, prior_loss_weight)
     precision.backward(loss.total)
     precision.step(optimizer, models.trainable_parameters(), max_grad_norm)
-    optimizer.zero_grad(set_to_none=True)
     return Loss(loss.total.detach(), loss.instance.detach(), loss.prior.detach())

@@ -13,9 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from raybooth.config import GenerateConfig, RunConfig, TrainConfig
+from raybooth.config import RunConfig, TrainConfig
 from raybooth.errors import RayboothError
-from raybooth.generate import generate
 from raybooth.hub import cache_model
 from raybooth.images import image_files
 from raybooth.log import log
@@ -44,23 +43,20 @@ def run(cfg: RunConfig, training: dict[str, Any]) -> Path:
     if cfg.uses_tiny_model:
         log(f"no model given: running the demo on the built-in tiny model in {work_dir}")
 
+    # Samples of an earlier tuned model would pass for this one's: clear them first.
+    for stale in image_files(samples_dir):
+        stale.unlink()
+    # The workers sample the tuned model while it is still in memory: no second load.
     train_cfg = TrainConfig(
         model_dir=pretrained_model(cfg, work_dir / "model-orig"), output_dir=tuned_dir,
         instance_images_dir=cfg.instance_images_dir or demo_subject(work_dir / "images-own"),
         instance_prompt=instance_prompt(cfg.unique_token, noun), class_images_dir=work_dir / "images-reg",
         class_prompt=class_prompt(noun), class_noun=noun, overwrite=cfg.overwrite,
+        sample_prompts=cfg.sample_prompts or sample_prompts(cfg.unique_token, noun),
+        num_samples_per_prompt=cfg.num_samples_per_prompt, samples_dir=samples_dir,
         **(DEMO_TRAINING if cfg.uses_tiny_model else {}) | training)
     train(train_cfg)
-
-    # Samples of an earlier tuned model would pass for this one's: clear them first.
-    for stale in image_files(samples_dir):
-        stale.unlink()
-    samples = generate(GenerateConfig(
-        model_dir=tuned_dir, output_dir=samples_dir, prompts=cfg.sample_prompts or sample_prompts(cfg.unique_token, noun),
-        num_samples_per_prompt=cfg.num_samples_per_prompt, batch_size=train_cfg.sample_batch_size,
-        num_inference_steps=train_cfg.num_inference_steps, guidance_scale=train_cfg.guidance_scale,
-        resolution=train_cfg.resolution, seed=train_cfg.seed, use_gpu=train_cfg.use_gpu,
-        address=train_cfg.address))
+    samples = image_files(samples_dir)
     log(f"done. Fine-tuned pipeline: {tuned_dir}")
     log(f"{len(samples)} samples of {train_cfg.instance_prompt!r} and other scenes: {samples_dir}")
     return work_dir

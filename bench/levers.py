@@ -1,0 +1,239 @@
+"""Levers for issue 5, measured one at a time on one GPU (SD-1.5-sized random weights, 512 px):
+start-up costs (Ray, a Ray Train worker group, model loading), the training step (eager, CUDA
+graph, cached class latents, channels_last, batch size and MFU) and generation (batch size,
+fused QKV, sampler and its solver error). Prints one JSON line per measurement.
+
+    python bench/levers.py MODEL_DIR [SECTION ...]    # sections: startup load step mfu generate
+                                                      # and, each in a fresh process: first, first-channels-last
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+from raybooth.graphs import GraphedStep
+from raybooth.models import load_for_training
+from raybooth.training import Batch, Precision, latent_distribution, make_optimizer, train_step
+
+DEVICE = torch.device("cuda")
+
+
+def emit(**row) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def startup() -> None:
+    started = time.perf_counter()
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    emit(what="import ray.train", s=round(time.perf_counter() - started, 1))
+    started = time.perf_counter()
+    ray.init(logging_level="ERROR")
+    emit(what="ray.init", s=round(time.perf_counter() - started, 1))
+
+    def noop(config):
+        import raybooth.worker  # noqa: F401  (the imports a real worker pays)
+        ray.train.report({"t": time.time()})
+
+    started = time.perf_counter()
+    t0 = time.time()
+    TorchTrainer(noop, scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=True,
+                                                              resources_per_worker={"CPU": 1, "GPU": 1})).fit()
+    emit(what="TorchTrainer.fit of an empty loop, 1 GPU worker", s=round(time.perf_counter() - started, 1),
+         since=t0)
+    started = time.perf_counter()
+    import ray.data
+    ds = ray.data.from_items([{"i": i} for i in range(200)]).map_batches(lambda b: b)
+    ds.materialize()
+    emit(what="ray.data trivial materialize", s=round(time.perf_counter() - started, 1))
+    ray.shutdown()
+
+
+def load(model_dir: str) -> None:
+    for attempt in range(2):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        load_for_training(model_dir, DEVICE, DEVICE, torch.bfloat16, True)
+        torch.cuda.synchronize()
+        emit(what=f"load_for_training (try {attempt})", s=round(time.perf_counter() - started, 1))
+
+    from diffusers import UNet2DConditionModel
+    for kwargs in (dict(device_map="cuda"), dict(low_cpu_mem_usage=True)):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        try:
+            unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **kwargs).to(DEVICE)
+            torch.cuda.synchronize()
+            emit(what=f"unet from_pretrained {kwargs}", s=round(time.perf_counter() - started, 1))
+            del unet
+        except Exception as error:  # noqa: BLE001
+            emit(what=f"unet from_pretrained {kwargs}", error=repr(error)[:300])
+
+
+def make_batch(models, pairs: int, cached: bool) -> Batch:
+    pixels = torch.rand(2 * pairs, 3, 512, 512, device=DEVICE) * 2 - 1
+    ids = torch.randint(0, 49408, (2 * pairs, 77), device=DEVICE)
+    if not cached:
+        return Batch(pixels, ids)
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        mean, std = latent_distribution(models.vae, pixels[pairs:])
+    return Batch(pixels[:pairs], ids, mean, std)
+
+
+def measure_step(model_dir: str, name: str, pairs: int = 1, graph: bool = False, cached: bool = False,
+                 channels_last: bool = False, benchmark: bool = False, flops: bool = False, steps: int = 20,
+                 peak: float | None = None) -> None:
+    torch.backends.cudnn.benchmark = benchmark
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    precision = Precision("bf16", DEVICE)
+    models = load_for_training(model_dir, DEVICE, DEVICE, precision.frozen_dtype, True)
+    if channels_last:
+        models.unet.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(models.trainable_parameters(), lr=5e-6)
+    batch = make_batch(models, pairs, cached)
+    eager = lambda b: train_step(models, optimizer, precision, b, 1.0, 1.0)  # noqa: E731
+    zero = lambda: optimizer.zero_grad(set_to_none=True)  # noqa: E731
+    step = GraphedStep(eager, zero) if graph else (lambda b: (eager(b), zero())[0])
+    for _ in range(5):
+        step(batch)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        loss = step(batch)
+    loss.total.item()
+    seconds = (time.perf_counter() - started) / steps
+    row = dict(what="step", name=name, pairs=pairs, step_ms=round(seconds * 1e3, 1),
+               images_per_s=round(2 * pairs / seconds, 2), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+               loss=round(loss.total.item(), 4))
+    if flops:
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as counter:
+            eager(batch)
+            zero()
+        row["tflop_per_step"] = round(counter.get_total_flops() / 1e12, 2)
+        row["tflops"] = round(counter.get_total_flops() / seconds / 1e12, 1)
+        if peak:
+            row["mfu"] = round(row["tflops"] / peak, 3)
+    emit(**row)
+
+
+
+def first_step(model_dir: str, channels_last: bool) -> None:
+    """The first step's cost (kernel loading, library heuristics) and the graphed step after it, in
+    a fresh process: what a run pays once, against what channels_last saves per step."""
+    precision = Precision("bf16", DEVICE)
+    models = load_for_training(model_dir, DEVICE, DEVICE, precision.frozen_dtype, True)
+    if channels_last:
+        models.unet.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(models.trainable_parameters(), lr=5e-6)
+    batch = make_batch(models, 1, cached=True)
+    step = GraphedStep(lambda b: train_step(models, optimizer, precision, b, 1.0, 1.0),
+                       lambda: optimizer.zero_grad(set_to_none=True))
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    step(batch).total.item()
+    first = time.perf_counter() - started
+    for _ in range(5):  # the other warm-up steps and the capture
+        step(batch)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(50):
+        loss = step(batch)
+    loss.total.item()
+    emit(what="first step", channels_last=channels_last, first_step_s=round(first, 1),
+         graph_step_ms=round((time.perf_counter() - started) / 50 * 1e3, 1))
+
+
+def matmul_peak() -> float:
+    a = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    peak = 20 * 2 * 8192**3 / (time.perf_counter() - started) / 1e12
+    emit(what="bf16 matmul peak TFLOP/s", value=round(peak))
+    return peak
+
+
+def generate(model_dir: str) -> None:
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None,
+                                                       requires_safety_checker=False).to(DEVICE, torch.bfloat16)
+    pipeline.set_progress_bar_config(disable=True)
+    pndm = pipeline.scheduler
+
+    def timed(name, batch, steps=50, scheduler=None, output_type="np"):
+        pipeline.scheduler = scheduler or pndm
+        prompts = ["a photo of a dog"] * batch
+        pipeline(prompts[:batch], num_inference_steps=3, output_type=output_type)
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        pipeline(prompts, num_inference_steps=steps, guidance_scale=7.5, output_type=output_type)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        emit(what="generate", name=name, batch=batch, steps=steps, s=round(seconds, 2),
+             images_per_s=round(batch / seconds, 2))
+
+    for batch in (4, 16, 32):
+        timed("pndm", batch)
+    timed("pndm output pil", 16, output_type="pil")
+    dpm = DPMSolverMultistepScheduler.from_config(pndm.config)
+    timed("dpm++2m", 16, steps=25, scheduler=dpm)
+    pipeline.unet.to(memory_format=torch.channels_last)
+    timed("pndm channels_last", 16)
+    pipeline.fuse_qkv_projections()
+    timed("pndm channels_last + fused qkv", 16)
+    pipeline.unfuse_qkv_projections()
+
+    # Solver error: each sampler's latents against a 500-step DDIM solution of the same ODE, same
+    # noise; smaller is closer. With random weights this compares solvers, not pictures.
+    def final_latents(scheduler, steps):
+        pipeline.scheduler = scheduler
+        generator = [torch.Generator(DEVICE).manual_seed(i) for i in range(4)]
+        return pipeline(["a photo of a dog"] * 4, num_inference_steps=steps, guidance_scale=7.5,
+                        generator=generator, output_type="latent").images.float()
+
+    reference = final_latents(DDIMScheduler.from_config(pndm.config), 500)
+    for name, scheduler, steps in [("pndm", pndm, 50), ("ddim", DDIMScheduler.from_config(pndm.config), 50),
+                                   ("dpm++2m", dpm, 25), ("dpm++2m", dpm, 20), ("pndm", pndm, 25)]:
+        error = (final_latents(scheduler, steps) - reference).pow(2).mean().sqrt() / reference.std()
+        emit(what="solver error vs 500-step DDIM", name=name, steps=steps, relative_rmse=round(error.item(), 4))
+
+
+if __name__ == "__main__":
+    model_dir, sections = sys.argv[1], set(sys.argv[2:]) or {"startup", "load", "step", "mfu", "generate"}
+    emit(what="versions", torch=torch.__version__, gpu=torch.cuda.get_device_name())
+    if "first" in sections or "first-channels-last" in sections:
+        first_step(model_dir, channels_last="first-channels-last" in sections)
+    if "startup" in sections:
+        startup()
+    if "load" in sections:
+        load(model_dir)
+    if "step" in sections:
+        measure_step(model_dir, "eager (main today)")
+        measure_step(model_dir, "cuda graph", graph=True)
+        measure_step(model_dir, "cuda graph + cached class latents", graph=True, cached=True)
+        measure_step(model_dir, "graph + cached + cudnn.benchmark", graph=True, cached=True, benchmark=True)
+        measure_step(model_dir, "graph + cached + channels_last", graph=True, cached=True, channels_last=True)
+    if "mfu" in sections:
+        peak = matmul_peak()
+        for pairs in (1, 4, 8, 16, 24):
+            try:
+                measure_step(model_dir, "graph + cached", pairs=pairs, graph=True, cached=True, flops=True,
+                             steps=10, peak=peak)
+            except torch.OutOfMemoryError:
+                emit(what="step", pairs=pairs, error="out of memory")
+                break
+    if "generate" in sections:
+        generate(model_dir)

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+import torch
+
+from raybooth.batches import TrainingSet, pairing
+from raybooth.models import load_for_training
+from raybooth.training import latent_distribution
+
+CPU = torch.device("cpu")
+
+
+def solid(value: int, height: int = 64, width: int = 64) -> np.ndarray:
+    return np.full((height, width, 3), value, np.uint8)
+
+
+def training_set(instances, classes, pairs=None, batch_size=2, resolution=64, seed=0) -> TrainingSet:
+    pairs = pairs or pairing(len(instances), len(classes), max(len(instances), len(classes)), 0, 1)
+    return TrainingSet(instances, classes, resolution, pairs, batch_size, np.array([1, 2, 3]), np.array([4, 5, 6]),
+                       CPU, seed)
+
+
+def test_pairing_uses_every_image_and_shares_photos_among_workers():
+    pairs = pairing(5, 200, 200, rank=0, world_size=1)
+    assert [sum(i == k for i, _ in pairs) for k in range(5)] == [40] * 5
+    assert sorted(c for _, c in pairs) == list(range(200))
+    shares = [pairing(4, 100, 100, rank, 2) for rank in range(2)]
+    assert {i for i, _ in shares[0]} == {0, 2} and {i for i, _ in shares[1]} == {1, 3}
+    assert pairing(5, 2, 5, 0, 1) == [(0, 0), (1, 1), (2, 0), (3, 1), (4, 0)]
+
+
+def test_steps_count_across_epochs_and_stop_at_max_steps():
+    images = training_set([solid(0)] * 3, [solid(255)] * 6, batch_size=2)  # 6 pairs: 3 steps an epoch
+    steps = [(step, epoch) for step, epoch, _ in images.batches(num_epochs=4, max_steps=7)]
+    assert steps == [(1, 0), (2, 0), (3, 0), (4, 1), (5, 1), (6, 1), (7, 2)]
+    assert len(list(images.batches(num_epochs=2, max_steps=100))) == 6
+
+
+def test_each_batch_has_one_shape_instance_rows_first_then_class_rows():
+    # 5 pairs in batches of 2: the last batch of an epoch is topped up, never short.
+    images = training_set([solid(0, 80, 96)] * 5, [solid(255, 64, 90)] * 2, batch_size=2)
+    batches = [batch for _, _, batch in images.batches(num_epochs=2, max_steps=100)]
+    assert len(batches) == 6
+    for batch in batches:
+        assert batch.pixels.shape == (4, 3, 64, 64) and batch.class_latent_mean is None
+        assert torch.all(batch.pixels[:2] == -1) and torch.all(batch.pixels[2:] == 1)  # black photos, white classes
+        assert batch.prompt_ids.tolist() == [[1, 2, 3]] * 2 + [[4, 5, 6]] * 2
+
+
+def test_crops_are_random_and_differ_between_epochs():
+    gradient = np.repeat(np.arange(160, dtype=np.uint8)[None, :, None], 64, axis=0).repeat(3, axis=2)
+    images = training_set([gradient], [solid(9)], batch_size=1)
+    lefts = {batch.pixels[0, 0, 0, 0].item() for _, _, batch in images.batches(num_epochs=20, max_steps=100)}
+    assert len(lefts) > 5
+
+
+@pytest.fixture(scope="module")
+def vae(tiny_model_dir):
+    return load_for_training(tiny_model_dir, CPU, CPU, torch.float32, False).vae
+
+
+def test_class_latents_are_cached_when_class_images_are_at_the_resolution(vae):
+    classes = [solid(40), solid(200)]
+    images = training_set([solid(0, 64, 80)], classes, batch_size=2)
+    assert images.cache_class_latents(vae)
+    pixels = torch.from_numpy(np.stack(classes)).permute(0, 3, 1, 2).contiguous().float() / 127.5 - 1
+    mean, std = latent_distribution(vae, pixels)
+    torch.testing.assert_close(images.class_latents[0], mean)
+    torch.testing.assert_close(images.class_latents[1], std)
+    (_, _, batch), = images.batches(num_epochs=1, max_steps=1)
+    assert batch.pixels.shape == (2, 3, 64, 64)  # instance crops only
+    assert batch.class_latent_mean.shape == batch.class_latent_std.shape == (2, *mean.shape[1:])
+
+
+def test_class_images_of_another_size_are_cropped_each_step_instead(vae):
+    images = training_set([solid(0)], [solid(9, 64, 100)])
+    assert not images.cache_class_latents(vae) and images.class_latents is None
