@@ -29,6 +29,8 @@ def test_a_large_jpeg_is_decoded_small_and_every_mode_becomes_rgb(tmp_path):
     image = load_image(tmp_path / "big.jpg", 512)
     assert image.shape == (512, 683, 3) and image.dtype == np.uint8
     assert abs(int(image[256, 300, 0]) - 200) < 8
+    Image.fromarray(np.full((64, 80), 40000, np.uint16)).save(tmp_path / "gray16.png")  # a 16-bit scan
+    assert abs(int(load_image(tmp_path / "gray16.png", 64)[10, 10, 0]) - 40000 * 255 // 65535) <= 1
     for mode, color in (("L", 128), ("P", 3), ("RGBA", (10, 20, 30, 255))):
         Image.new(mode, (80, 64), color).save(tmp_path / f"{mode}.png")
         assert load_image(tmp_path / f"{mode}.png", 64).shape == (64, 80, 3)

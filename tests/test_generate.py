@@ -63,8 +63,12 @@ def test_bad_generate_input_fails_before_ray(tmp_path, tiny_model_dir):
         generate(settings(tmp_path / "missing", tmp_path / "out"))
     with pytest.raises(RayboothError, match="--num_samples_per_prompt must be at least 1"):
         generate(settings(tiny_model_dir, tmp_path / "out", num_samples_per_prompt=0))
-    with pytest.raises(RayboothError, match="a prompt is empty"):
-        generate(settings(tiny_model_dir, tmp_path / "out", prompts=[" "]))
+    with pytest.raises(RayboothError, match="--prompts: prompt 2 of 3 is empty"):
+        generate(settings(tiny_model_dir, tmp_path / "out", prompts=["a dog", " ", "a cat"]))
+    with pytest.raises(RayboothError, match="--guidance_scale must be a finite number"):
+        generate(settings(tiny_model_dir, tmp_path / "out", guidance_scale=float("nan")))
+    with pytest.raises(RayboothError, match="--resolution must be at least 1"):
+        generate(settings(tiny_model_dir, tmp_path / "out", resolution=0))
     assert not (tmp_path / "out").exists()
 
 

@@ -1,8 +1,12 @@
+import re
+from pathlib import Path
+
+import numpy as np
 import pytest
 from PIL import Image
 
 from raybooth.errors import RayboothError
-from raybooth.images import find_images, image_files
+from raybooth.images import find_images, image_files, to_rgb
 
 from conftest import write_solid_images
 
@@ -45,3 +49,37 @@ def test_a_corrupt_image_is_named(tmp_path, damage):
         broken.write_bytes(broken.read_bytes()[:2000])
     with pytest.raises(RayboothError, match="broken.jpg is not a readable image"):
         find_images(tmp_path, "instance images")
+
+
+def test_images_changed_on_the_way_in_are_named_in_a_warning(tmp_path, capsys):
+    Image.new("RGBA", (600, 600), (255, 0, 0, 128)).save(tmp_path / "cutout.png")
+    Image.new("RGB", (300, 200)).save(tmp_path / "small.jpg")
+    Image.new("RGB", (800, 600)).save(tmp_path / "fine.jpg")
+    assert len(find_images(tmp_path, "instance images", resolution=512)) == 3
+    warnings = capsys.readouterr().err
+    assert re.search(r"cutout.png has transparency; it is flattened onto white", warnings)
+    assert re.search(r"small.jpg is 300x200, smaller than the training resolution of 512 px", warnings)
+    assert "fine.jpg" not in warnings and "cutout.png is" not in warnings
+
+
+def test_an_unreadable_folder_is_one_clear_error(tmp_path, monkeypatch):
+    # CI runs as root, which reads any folder: the refusal is simulated.
+    def refuse(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", refuse)
+    with pytest.raises(RayboothError, match="instance images folder .* cannot be read"):
+        find_images(tmp_path, "instance images")
+
+
+def test_every_mode_becomes_8_bit_rgb_without_clipping_or_losing_the_picture():
+    gray16 = Image.fromarray(np.linspace(0, 65535, 64 * 80).reshape(64, 80).astype(np.uint16))
+    assert gray16.mode == "I;16"
+    assert abs(np.asarray(to_rgb(gray16)).mean() - 127.5) < 1  # not clipped to white as PIL's convert does
+    assert np.asarray(to_rgb(Image.new("RGBA", (4, 4), (255, 0, 0, 0))))[0, 0].tolist() == [255, 255, 255]
+    assert np.asarray(to_rgb(Image.new("RGBA", (4, 4), (255, 0, 0, 255))))[0, 0].tolist() == [255, 0, 0]
+    assert np.asarray(to_rgb(Image.new("CMYK", (4, 4), (0, 255, 0, 0))))[0, 0].tolist() == [255, 0, 255]
+    palette = Image.new("P", (4, 4), 0)
+    palette.info["transparency"] = 0
+    assert np.asarray(to_rgb(palette))[0, 0].tolist() == [255, 255, 255]
+    assert to_rgb(Image.new("L", (4, 4), 7)).mode == "RGB"

@@ -49,12 +49,20 @@ def test_folders_that_are_no_model_are_refused(tmp_path):
         resolve_model_dir(tmp_path)
 
 
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda m: shutil.rmtree(m / "unet"), "missing its unet/ folder"),
     (lambda m: (m / "vae" / "diffusion_pytorch_model.safetensors").unlink(), r"no weights in vae/"),
     (lambda m: (m / "text_encoder" / "config.json").unlink(), "missing text_encoder/config.json"),
     (lambda m: shutil.rmtree(m / "tokenizer") or (m / "tokenizer").mkdir(), "empty tokenizer/ folder"),
     (lambda m: (m / "model_index.json").write_text("{"), "not valid JSON"),
+    (lambda m: truncate(m / "unet" / "diffusion_pytorch_model.safetensors"),
+     r"unet/diffusion_pytorch_model.safetensors is not a readable safetensors file .*incomplete metadata"),
+    (lambda m: (m / "text_encoder" / "model.safetensors").write_bytes(b"not weights"),
+     r"text_encoder/model.safetensors is not a readable safetensors file"),
 ])
 def test_a_model_folder_missing_a_component_is_refused(model_copy, damage, message):
     damage(model_copy)

@@ -1,7 +1,9 @@
+import re
+
 import pytest
 
 from raybooth.errors import RayboothError
-from raybooth.prompts import check_prompts, class_prompt, instance_prompt, sample_prompts
+from raybooth.prompts import check_prompt_lengths, check_prompts, class_prompt, instance_prompt, sample_prompts
 
 
 def test_the_class_noun_is_what_both_prompts_end_with():
@@ -28,3 +30,22 @@ def test_an_instance_prompt_needs_an_identifier():
 def test_prompts_made_for_the_workflow_pass_the_check():
     assert check_prompts(instance_prompt("sks", "dog"), class_prompt("dog")) == "dog"
     assert all("sks dog" in p for p in sample_prompts("sks", "dog"))
+
+
+# The tiny model's tokenizer has one token per character, so 75 characters fill its context.
+LONG = "in a garden full of tall sunflowers by an old stone wall under a bright blue summer sky, "
+
+
+def test_a_prompt_cut_short_is_named_and_one_that_loses_the_subject_is_refused(tiny_model_dir, capsys):
+    check_prompt_lengths(tiny_model_dir, {"--instance_prompt": "a photo of unqtkn toy car"},
+                         {"--instance_prompt": ["unqtkn", "toy", "car"]})
+    assert capsys.readouterr().err == ""  # short: the tokenizer is not even loaded
+
+    check_prompt_lengths(tiny_model_dir, {"--instance_prompt": "a photo of unqtkn toy car " + LONG},
+                         {"--instance_prompt": ["unqtkn", "toy", "car"]})
+    assert re.search(r"warning: --instance_prompt is \d+ tokens, and the text encoder reads 75: '.*sky ?,' is cut off",
+                     capsys.readouterr().err)
+
+    with pytest.raises(RayboothError, match="--instance_prompt is .* 'unqtkn toy car' falls past the cut"):
+        check_prompt_lengths(tiny_model_dir, {"--instance_prompt": LONG + "a photo of unqtkn toy car"},
+                             {"--instance_prompt": ["unqtkn", "toy", "car"]})

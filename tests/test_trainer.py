@@ -1,6 +1,9 @@
 import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -88,7 +91,7 @@ def test_output_with_a_model_is_kept_unless_overwrite(ray_cluster, tiny_model_di
     assert not differs(weights(output, "text_encoder"), weights(tiny_model_dir, "text_encoder"))  # not trained
     assert sorted(p.name for p in class_dir.iterdir()) == [f"{i:03d}.png" for i in range(4)]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial folders
-    assert not list((tmp_path / "ray-storage").rglob("*.safetensors"))  # no second copy of the weights
+    assert not [p for p in (tmp_path / "ray-storage").rglob("*") if p.is_file()]  # nothing left in Ray's storage
 
 
 def test_a_worker_that_cannot_see_the_output_hands_its_weights_over_as_a_checkpoint(
@@ -105,7 +108,47 @@ def test_a_worker_that_cannot_see_the_output_hands_its_weights_over_as_a_checkpo
     assert differs(weights(output, "unet"), weights(tiny_model_dir, "unet"))
     StableDiffusionPipeline.from_pretrained(output)
     assert sorted(p.name for p in output.iterdir() if p.name.startswith(".")) == []  # no token left behind
-    assert not list((tmp_path / "ray-storage").rglob("*.safetensors"))  # the checkpoint was cleared
+    assert not [p for p in (tmp_path / "ray-storage").rglob("*") if p.is_file()]  # the checkpoint was cleared
+
+
+def test_an_output_that_cannot_be_written_is_found_before_ray(tiny_model_dir, subject_dir, tmp_path, capsys,
+                                                             monkeypatch):
+    monkeypatch.setattr("raybooth.trainer.connect", lambda *_: pytest.fail("Ray was started"))
+    (tmp_path / "a-file").write_text("")
+    output = tmp_path / "a-file" / "tuned"
+    assert main(train_args(tiny_model_dir, output, subject_dir, tmp_path / "class")) == 1
+    assert re.search("--output_dir .*a-file/tuned cannot be written", capsys.readouterr().err)
+
+
+def test_a_loss_that_turns_non_finite_stops_training_and_writes_nothing(ray_cluster, tiny_model_dir, subject_dir,
+                                                                         tmp_path, capsys):
+    class_dir = write_solid_images(tmp_path / "class", (0, 0, 200), 4)[0].parent
+    args = train_args(tiny_model_dir, tmp_path / "tuned", subject_dir, class_dir, "--lr", "1e30",
+                      "--max_train_steps", "8")  # weights of 1e30 overflow at once
+    assert main(args) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.match(r"raybooth: error: the loss became (nan|inf) at step [1-8]: training stopped and nothing was "
+                    "written", error), error
+    assert not (tmp_path / "tuned").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_ctrl_c_during_training_says_so_exits_130_and_leaves_nothing(tiny_model_dir, subject_dir, tmp_path):
+    class_dir = write_solid_images(tmp_path / "class", (0, 0, 200), 4)[0].parent
+    args = train_args(tiny_model_dir, tmp_path / "tuned", subject_dir, class_dir, "--max_train_steps", "100000",
+                      "--num_epochs", "100000", "--no_use_gpu")
+    run = subprocess.Popen([sys.executable, "-m", "raybooth", *args], stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in run.stderr:  # wait until training is under way
+        lines.append(line)
+        if "first step done" in line:
+            break
+    run.send_signal(signal.SIGINT)
+    after = run.stderr.readlines()  # Ray's forwarded worker lines may still trail ours
+    assert run.wait(timeout=120) == 130, "".join(lines + after)
+    assert "raybooth: interrupted\n" in after and not any("Traceback" in line for line in after), "".join(after)
+    assert not (tmp_path / "tuned").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial output
 
 
 def break_model(model_dir):
@@ -130,6 +173,12 @@ def add_text_file(folder):
     (lambda m, i, c: None, ["--resolution", "60"], "must be a multiple of 8"),
     (lambda m, i, c: None, ["--gpus_per_worker", "2", "--no_use_gpu"], "needs GPUs"),
     (lambda m, i, c: None, ["--num_class_images", "0"], "--num_class_images must be at least 1"),
+    # Numbers that parse but would train a model of NaN weights, or crash in a worker.
+    (lambda m, i, c: None, ["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (lambda m, i, c: None, ["--max_grad_norm", "nan"], "--max_grad_norm must be a finite number, got nan"),
+    (lambda m, i, c: None, ["--resolution", "-64"], "--resolution must be at least 1, got -64"),
+    (lambda m, i, c: None, ["--resolution", "0"], "--resolution must be at least 1, got 0"),
+    (lambda m, i, c: None, ["--sample_prompts", "a dog", ""], "--sample_prompts: prompt 2 of 2 is empty"),
 ])
 def test_bad_input_fails_with_one_line_before_ray_starts(model_copy, tmp_path, capsys, monkeypatch, damage, extra,
                                                          message):

@@ -5,6 +5,7 @@ text lives here, next to its default."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,9 +60,9 @@ class GenerateConfig:
 
     def validate(self) -> None:
         positive(num_samples_per_prompt=self.num_samples_per_prompt, num_inference_steps=self.num_inference_steps,
-                 **given(batch_size=self.batch_size))
-        if not all(p.strip() for p in self.prompts):
-            raise RayboothError("--prompts: a prompt is empty")
+                 **given(batch_size=self.batch_size, resolution=self.resolution))
+        finite(guidance_scale=self.guidance_scale)
+        check_prompts_given("--prompts", self.prompts)
 
 
 @dataclass
@@ -111,7 +112,9 @@ class TrainConfig:
         positive(num_class_images=self.num_class_images, train_batch_size=self.train_batch_size,
                  num_epochs=self.num_epochs, max_train_steps=self.max_train_steps, num_workers=self.num_workers,
                  report_every_n_steps=self.report_every_n_steps, num_inference_steps=self.num_inference_steps,
-                 **given(sample_batch_size=self.sample_batch_size))
+                 **given(sample_batch_size=self.sample_batch_size, resolution=self.resolution))
+        finite(lr=self.lr, prior_loss_weight=self.prior_loss_weight, max_grad_norm=self.max_grad_norm,
+               guidance_scale=self.guidance_scale)
         if self.lr <= 0:
             raise RayboothError(f"--lr must be positive, got {self.lr}")
         if self.prior_loss_weight < 0 or self.max_grad_norm <= 0:
@@ -120,8 +123,7 @@ class TrainConfig:
             raise RayboothError("--gpus_per_worker 2 needs GPUs; drop --no_use_gpu")
         if self.sample_prompts is not None:
             positive(num_samples_per_prompt=self.num_samples_per_prompt)
-            if not all(p.strip() for p in self.sample_prompts):
-                raise RayboothError("--sample_prompts: a prompt is empty")
+            check_prompts_given("--sample_prompts", self.sample_prompts)
             if self.samples_dir is None:
                 raise RayboothError("--sample_prompts needs --samples_dir, the folder for the samples")
 
@@ -160,6 +162,19 @@ RUN_DERIVED_TRAIN_FIELDS = ("model_dir", "output_dir", "instance_images_dir", "i
 def given(**values: Any) -> dict[str, Any]:
     """The values that are set (optional flags left at None drop out)."""
     return {name: value for name, value in values.items() if value is not None}
+
+
+def finite(**values: float) -> None:
+    """inf and nan parse as floats, and would train a model of NaN weights to the end."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise RayboothError(f"--{name} must be a finite number, got {value}")
+
+
+def check_prompts_given(flag: str, prompts: list[str]) -> None:
+    for number, prompt in enumerate(prompts, start=1):
+        if not prompt.strip():
+            raise RayboothError(f"{flag}: prompt {number} of {len(prompts)} is empty")
 
 
 def positive(**values: int) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from raybooth.images import to_rgb
+
 
 def tokenize(tokenizer, prompt: str) -> np.ndarray:
     """Prompt ids padded to the text encoder's full context, as SD was trained."""
@@ -30,7 +32,7 @@ def load_image(path: str | Path, resolution: int) -> np.ndarray:
         scale = resolution / min(image.size)
         image.draft("RGB", (max(1, round(image.width * scale)), max(1, round(image.height * scale))))
         image = ImageOps.exif_transpose(image)
-        return np.asarray(resize_shorter_side(image.convert("RGB"), resolution))
+        return np.asarray(resize_shorter_side(to_rgb(image), resolution))
 
 
 def load_images(batch: dict[str, np.ndarray], resolution: int) -> dict[str, list]:

@@ -22,6 +22,7 @@ from raybooth.config import GenerateConfig
 from raybooth.errors import RayboothError
 from raybooth.log import log, quiet_model_libraries
 from raybooth.models import resolve_model_dir, resolve_resolution
+from raybooth.prompts import check_prompt_lengths
 
 
 _GENERATED_NAME = re.compile(r"-([0-9a-f]{8})-\d{4,}\.png$")
@@ -131,6 +132,7 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     cfg.validate()
     model_dir = resolve_model_dir(cfg.model_dir)
     resolution = resolve_resolution(model_dir, cfg.resolution)
+    check_prompt_lengths(model_dir, {f"--prompts {i}": p for i, p in enumerate(cfg.prompts, 1)}, {})
     output_dir = Path(cfg.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise RayboothError(f"output {output_dir} is a file, not a folder")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from raybooth.errors import RayboothError
+from raybooth.log import log
 
 # What Ray Data's read_images reads, plus webp.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
@@ -21,9 +23,11 @@ def image_files(folder: Path) -> list[Path]:
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def find_images(folder: Path, role: str, may_be_empty: bool = False) -> list[Path]:
+def find_images(folder: Path, role: str, may_be_empty: bool = False, resolution: int | None = None) -> list[Path]:
     """The images in `folder`, each decoded once to prove it is readable. With `may_be_empty`,
-    a missing or empty folder gives no images rather than an error.
+    a missing or empty folder gives no images rather than an error. Images that will be changed
+    on the way in get a warning naming them: transparency flattened onto white, or (given the
+    training `resolution`) a size that must be scaled up.
 
     `role` names the folder in messages ("instance images"). Hidden files are ignored; any other
     file that is not an image is an error rather than silently skipped, since a subject set
@@ -36,7 +40,10 @@ def find_images(folder: Path, role: str, may_be_empty: bool = False) -> list[Pat
         raise RayboothError(f"{role} folder {folder} does not exist")
     if not folder.is_dir():
         raise RayboothError(f"{role} folder {folder} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    try:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    except PermissionError:
+        raise RayboothError(f"{role} folder {folder} cannot be read (permission denied)") from None
     strangers = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
     if strangers:
         raise RayboothError(f"{role} folder {folder} holds files that are not images: {', '.join(strangers[:5])}"
@@ -46,13 +53,37 @@ def find_images(folder: Path, role: str, may_be_empty: bool = False) -> list[Pat
     if not files:
         raise RayboothError(f"{role} folder {folder} holds no images")
     for path in files:
-        check_image(path)
+        size, transparent = check_image(path)
+        if transparent:
+            log(f"warning: {path} has transparency; it is flattened onto white")
+        if resolution and min(size) < resolution:
+            log(f"warning: {path} is {size[0]}x{size[1]}, smaller than the training resolution of {resolution} px; "
+                "it will be scaled up (blurrier)")
     return files
 
 
-def check_image(path: Path) -> None:
+def check_image(path: Path) -> tuple[tuple[int, int], bool]:
+    """(width and height, whether it has transparency) of a readable image, else a clear error."""
     try:
         with Image.open(path) as image:
             image.load()  # a full decode: truncated files pass Image.verify() but fail here
+            return image.size, has_transparency(image)
     except Exception as error:  # PIL raises many types for bad files
         raise RayboothError(f"{path} is not a readable image ({type(error).__name__}: {error})") from None
+
+
+def has_transparency(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any image as 8-bit RGB. PIL's own conversion clips 16- and 32-bit grayscale to 255, which
+    turns a 16-bit photo white: those are scaled down instead. Transparency is flattened onto white."""
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(values / top * 255 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if has_transparency(image):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")

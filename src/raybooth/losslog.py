@@ -4,11 +4,13 @@ host wait for the GPU each step."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 import torch.distributed as dist
 
+from raybooth.errors import RayboothError
 from raybooth.log import log
 from raybooth.training import Loss
 
@@ -33,6 +35,9 @@ class LossLog:
                 dist.all_reduce(values)
                 values /= self.world_size
             for (step, epoch, _), (total, instance, prior) in zip(self.pending, values.tolist()):
+                if not math.isfinite(total):  # every later step would train on NaN weights
+                    raise RayboothError(f"the loss became {total} at step {step}: training stopped and nothing "
+                                        "was written (a lower --lr or --max_grad_norm may help)")
                 self.history.append({"step": step, "epoch": epoch + 1, "loss": total,
                                      "instance_loss": instance, "prior_loss": prior})
             window = self.window = self.history[-len(self.pending):]

@@ -52,12 +52,26 @@ def check_model_dir(path: Path) -> Path:
                 raise RayboothError(f"model {path} is missing {name}/config.json")
             if not any(f.name.endswith(_WEIGHT_SUFFIXES) and f.is_file() for f in folder.iterdir()):
                 raise RayboothError(f"model {path} has no weights in {name}/ (no .safetensors or .bin file)")
+            for weights in folder.glob("*.safetensors"):
+                check_weights(weights)
         elif not any(f.is_file() for f in folder.iterdir()):
             raise RayboothError(f"model {path} has an empty {name}/ folder")
     prediction_type = scheduler_config(path).get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:
         raise RayboothError(f"model {path} predicts {prediction_type!r}; raybooth trains {' or '.join(PREDICTION_TYPES)}")
     return path
+
+
+def check_weights(path: Path) -> None:
+    """A truncated or corrupt safetensors file, found from its header (a cheap read), rather than
+    by a worker's traceback minutes later."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as weights:
+            weights.keys()
+    except (SafetensorError, OSError) as error:
+        raise RayboothError(f"{path} is not a readable safetensors file ({error})") from None
 
 
 def read_json(path: Path, what: str) -> dict:

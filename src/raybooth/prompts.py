@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from raybooth.errors import RayboothError
+from raybooth.log import log
+from raybooth.models import load_tokenizer, read_json
 
 
 def words(text: str) -> list[str]:
@@ -58,3 +61,28 @@ def sample_prompts(token: str, class_noun: str) -> list[str]:
     """A few of the DreamBooth paper's evaluation scenes."""
     return [instance_prompt(token, class_noun), f"a {token} {class_noun} on the beach",
             f"a {token} {class_noun} in the snow"]
+
+
+def check_prompt_lengths(model_dir: Path, prompts: dict[str, str], must_keep: dict[str, list[str]]) -> None:
+    """Warn about each prompt (by flag) that the text encoder's context cuts short, and refuse one
+    whose cut drops words it must keep (the identifier, the class noun): training on it would
+    teach nothing about the subject. Loads the tokenizer only for a prompt long enough to be cut:
+    every token covers at least one character that is not a space."""
+    context = int(read_json(model_dir / "tokenizer" / "tokenizer_config.json", "tokenizer config")
+                  .get("model_max_length", 77))
+    long = {flag: prompt for flag, prompt in prompts.items() if len(re.sub(r"\s", "", prompt)) > context - 2}
+    if not long:
+        return
+    tokenizer = load_tokenizer(model_dir)
+    limit = min(context, tokenizer.model_max_length) - 2  # the start and end tokens take two places
+    for flag, prompt in long.items():
+        ids = tokenizer(prompt, truncation=False).input_ids[1:-1]
+        if len(ids) <= limit:
+            continue
+        kept = words(tokenizer.decode(ids[:limit]))  # a word split at the cut is not kept
+        lost = [word for word in must_keep.get(flag, []) if word not in kept]
+        if lost:
+            raise RayboothError(f"{flag} is {len(ids)} tokens, and the text encoder reads {limit}: "
+                                f"{' '.join(lost)!r} falls past the cut; shorten the prompt")
+        log(f"warning: {flag} is {len(ids)} tokens, and the text encoder reads {limit}: "
+            f"{tokenizer.decode(ids[limit:]).strip()!r} is cut off")

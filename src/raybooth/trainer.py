@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +22,7 @@ from raybooth.images import find_images, image_files
 from raybooth.log import log
 from raybooth.models import (TRAINING_LOG, check_output_dir, copy_base_components, copy_trained, finish_model_dir,
                              resolve_model_dir, resolve_resolution, start_model_dir)
-from raybooth.prompts import check_prompts
+from raybooth.prompts import check_prompt_lengths, check_prompts, words
 from raybooth.worker import OUTPUT_TOKEN, TrainPlan, train_worker
 
 
@@ -29,12 +30,13 @@ def train(cfg: TrainConfig) -> Path:
     """Fine-tune `cfg.model_dir` on the subject; returns the output pipeline folder."""
     started = time.time()
     model_dir, resolution, instance_paths = check_inputs(cfg)  # before Ray: bad input costs seconds
-    connect(cfg.address)
-    use_gpu, gpus_per_worker = worker_gpus(cfg)
-    class_entries = plan_class_images(cfg)
-    samples = plan_samples(cfg)
-    partial = start_model_dir(cfg.output_dir, cfg.overwrite)
+    partial = start_output(cfg)
+    class_dir_is_new = not class_dir(cfg).exists()
     try:
+        connect(cfg.address)
+        use_gpu, gpus_per_worker = worker_gpus(cfg)
+        class_entries = plan_class_images(cfg)
+        samples = plan_samples(cfg)
         copy_base_components(model_dir, partial, skip=("unet", "text_encoder") if cfg.train_text_encoder else ("unet",))
         token = uuid.uuid4().hex
         (partial / OUTPUT_TOKEN).write_text(token)
@@ -55,15 +57,26 @@ def train(cfg: TrainConfig) -> Path:
             log("rank 0 could not see the output folder; taking the weights from its Ray Train checkpoint")
             with result.checkpoint.as_directory() as trained:
                 copy_trained(Path(trained), partial)
-            result.checkpoint.filesystem.delete_dir(result.checkpoint.path)
         (partial / OUTPUT_TOKEN).unlink()
         output_dir = finish_model_dir(partial, cfg.output_dir)
+        result.filesystem.delete_dir(result.path)  # Ray Train's run folder: nothing in it is needed now
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
+        if class_dir_is_new and class_dir(cfg).is_dir() and not any(class_dir(cfg).iterdir()):
+            class_dir(cfg).rmdir()  # made for this run, and nothing was put in it
         raise
     summarize(json.loads((output_dir / TRAINING_LOG).read_text())["history"])
     log(f"wrote the fine-tuned pipeline to {output_dir}")
     return output_dir
+
+
+def start_output(cfg: TrainConfig) -> Path:
+    """The output's partial folder, made now: an output that cannot be written is found out before
+    training, not after."""
+    try:
+        return start_model_dir(cfg.output_dir, cfg.overwrite)
+    except OSError as error:
+        raise RayboothError(f"--output_dir {cfg.output_dir} cannot be written: {error.strerror or error}") from None
 
 
 def check_inputs(cfg: TrainConfig) -> tuple[Path, int, list[Path]]:
@@ -72,9 +85,13 @@ def check_inputs(cfg: TrainConfig) -> tuple[Path, int, list[Path]]:
     model_dir = resolve_model_dir(cfg.model_dir)
     resolution = resolve_resolution(model_dir, cfg.resolution)
     check_output_dir(cfg.output_dir, cfg.overwrite)
-    check_prompts(cfg.instance_prompt, cfg.class_prompt, cfg.class_noun)
-    instance_paths = find_images(cfg.instance_images_dir, "instance images")
-    find_images(cfg.class_images_dir, "class images", may_be_empty=True)  # missing ones are made later
+    noun = words(check_prompts(cfg.instance_prompt, cfg.class_prompt, cfg.class_noun))
+    identifier = sorted(set(words(cfg.instance_prompt)) - set(words(cfg.class_prompt)))
+    check_prompt_lengths(model_dir, {"--instance_prompt": cfg.instance_prompt, "--class_prompt": cfg.class_prompt,
+                                     **{f"--sample_prompts {i}": p for i, p in enumerate(cfg.sample_prompts or [], 1)}},
+                         {"--instance_prompt": identifier + noun, "--class_prompt": noun})
+    instance_paths = find_images(cfg.instance_images_dir, "instance images", resolution=resolution)
+    find_images(cfg.class_images_dir, "class images", may_be_empty=True, resolution=resolution)  # missing: made later
     if cfg.num_class_images < cfg.num_workers:
         raise RayboothError(f"--num_class_images {cfg.num_class_images} cannot feed {cfg.num_workers} workers: "
                             "each needs at least one class image")
@@ -163,11 +180,35 @@ def fit(cfg: TrainConfig, plan: TrainPlan, train_datasets: dict, use_gpu: bool, 
                                        storage_path=absolute_storage_path(cfg.storage_path)),
         datasets=train_datasets, dataset_config=ray.train.DataConfig(datasets_to_split=[]))
     try:
-        return trainer.fit()
+        return fit_interruptibly(trainer)
     except ray.train.TrainingFailedError as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        ours = [line.split("RayboothError: ", 1)[1] for line in lines if "RayboothError: " in line]
+        if ours:  # a problem the worker could name
+            raise RayboothError(ours[-1]) from None
         raise RayboothError(f"training failed on a worker: {lines[-1] if lines else error!r} "
                             "(its traceback is printed above)") from None
+
+
+def fit_interruptibly(trainer):
+    """`trainer.fit()` on a thread of its own. On the main thread Ray Train installs a SIGINT
+    handler that ends the process with exit 1 and no word; this way Ctrl-C reaches the CLI, which
+    says so and exits 130, and the partial output is removed. Ray stops the workers on exit."""
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # handed to the main thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="raybooth-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # a timed wait, so that KeyboardInterrupt is raised here
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def summarize(history: list[dict]) -> None:
