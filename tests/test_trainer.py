@@ -151,6 +151,20 @@ def test_ctrl_c_during_training_says_so_exits_130_and_leaves_nothing(tiny_model_
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial output
 
 
+def test_two_runs_at_once_each_start_their_own_ray_and_finish_cleanly(tiny_model_dir, subject_dir, tmp_path):
+    runs = []
+    for k in range(2):
+        class_dir = write_solid_images(tmp_path / f"class{k}", (0, 0, 200), 4)[0].parent
+        args = train_args(tiny_model_dir, tmp_path / f"tuned{k}", subject_dir, class_dir, "--max_train_steps", "4",
+                          "--no_use_gpu")  # the same --storage_path for both
+        runs.append(subprocess.Popen([sys.executable, "-m", "raybooth", *args], stderr=subprocess.PIPE, text=True))
+    for k, run in enumerate(runs):
+        output = run.communicate(timeout=300)[1]
+        assert run.returncode == 0, output
+        assert "Traceback" not in output and "multiple active Ray instances" not in output, output
+        assert len(json.loads((tmp_path / f"tuned{k}" / "training_log.json").read_text())["history"]) == 4
+
+
 def break_model(model_dir):
     shutil.rmtree(model_dir / "unet")
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 
 from raybooth.errors import RayboothError
 from raybooth.log import log
 
+GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"  # read by Ray when it starts a head node
 _started_here = False  # whether this process started the Ray instance it uses (a fixed-size one)
 
 
@@ -26,8 +28,11 @@ def connect(address: str | None = None) -> None:
         target = address or os.environ.get("RAY_ADDRESS")
         # Workers log errors only: without Ray's dashboard, Ray Train's placement group cleaner
         # warns every second that it cannot reach the state API, burying our progress lines.
-        ray.init(address=target, logging_level=logging.WARNING,
-                 logging_config=ray.LoggingConfig(encoding="TEXT", log_level="ERROR"))
+        quiet = dict(logging_level=logging.WARNING, logging_config=ray.LoggingConfig(encoding="TEXT", log_level="ERROR"))
+        if target:
+            ray.init(address=target, **quiet)
+        else:
+            start_local_ray(**quiet)
         _started_here = not target
         resources = ray.cluster_resources()
         where = f"attached to the Ray cluster at {target}" if target else "started Ray on this machine"
@@ -37,6 +42,23 @@ def connect(address: str | None = None) -> None:
     context.enable_progress_bars = False  # our own progress lines say what is happening
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # e.g. a warning that bars are off
+
+
+def start_local_ray(**options) -> None:
+    """Start Ray on this machine on a GCS port chosen here, and give its processes that address.
+    Ray's helpers that look a cluster up by themselves (Ray Train's placement-group cleaner uses
+    the state API) otherwise find every Ray on the machine, and fail when two commands run at once."""
+    import ray
+
+    with socket.socket() as probe:  # a free port; Ray takes it a moment later
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    own_address = f"{ray.util.get_node_ip_address()}:{port}"
+    os.environ[GCS_PORT_VARIABLE] = str(port)
+    try:
+        ray.init(address="local", runtime_env={"env_vars": {"RAY_ADDRESS": own_address}}, **options)
+    finally:
+        del os.environ[GCS_PORT_VARIABLE]
 
 
 def start_autoscaling_coordinator() -> None:

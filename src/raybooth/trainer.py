@@ -176,7 +176,7 @@ def fit(cfg: TrainConfig, plan: TrainPlan, train_datasets: dict, use_gpu: bool, 
         train_loop_config={"config": cfg, "plan": plan},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=f"raybooth-{time.strftime('%Y%m%d-%H%M%S')}",
+        run_config=ray.train.RunConfig(name=f"raybooth-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
                                        storage_path=absolute_storage_path(cfg.storage_path)),
         datasets=train_datasets, dataset_config=ray.train.DataConfig(datasets_to_split=[]))
     try:
