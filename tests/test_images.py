@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from raybooth.data import load_image
 from raybooth.errors import RayboothError
 from raybooth.images import find_images, image_files, to_rgb
 
@@ -83,3 +84,11 @@ def test_every_mode_becomes_8_bit_rgb_without_clipping_or_losing_the_picture():
     palette.info["transparency"] = 0
     assert np.asarray(to_rgb(palette))[0, 0].tolist() == [255, 255, 255]
     assert to_rgb(Image.new("L", (4, 4), 7)).mode == "RGB"
+
+
+def test_a_huge_photo_is_named_and_read_small(tmp_path, capsys):
+    Image.new("RGB", (10000, 10000), (200, 30, 40)).save(tmp_path / "huge.jpg", quality=80)
+    assert find_images(tmp_path, "instance images", resolution=512) == [tmp_path / "huge.jpg"]
+    assert re.search(r"huge.jpg is 10000x10000, an unusually large image", capsys.readouterr().err)
+    image = load_image(tmp_path / "huge.jpg", 512)  # from a 1/8-scale decode, not 300 MB of pixels
+    assert image.shape == (512, 512, 3) and abs(int(image[100, 100, 0]) - 200) < 8
