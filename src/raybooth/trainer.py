@@ -17,7 +17,7 @@ from raybooth.cluster import check_fits, cluster_resource, connect, cpus_per_wor
 from raybooth.config import TrainConfig
 from raybooth.data import image_dataset
 from raybooth.errors import RayboothError
-from raybooth.generate import generated_for, image_name, image_seed, missing_images, prompt_digest
+from raybooth.generate import generated_for, image_name, image_seed, prompt_digest
 from raybooth.images import find_images, image_files
 from raybooth.log import log
 from raybooth.models import (TRAINING_LOG, check_output_dir, copy_base_components, copy_trained, finish_model_dir,
@@ -40,13 +40,13 @@ def train(cfg: TrainConfig) -> Path:
         copy_base_components(model_dir, partial, skip=("unet", "text_encoder") if cfg.train_text_encoder else ("unet",))
         token = uuid.uuid4().hex
         (partial / OUTPUT_TOKEN).write_text(token)
-        shares = [class_entries[rank::cfg.num_workers] for rank in range(cfg.num_workers)]
+        shares = share_out(class_entries, cfg.num_workers)
         plan = TrainPlan(
             model_dir=model_dir, resolution=resolution, class_images_dir=class_dir(cfg), class_shares=shares,
             output_partial=str(partial), output_token=token, started_at=started,
             pairs_per_worker=max(math.ceil(len(instance_paths) / cfg.num_workers), max(map(len, shares))),
             samples_dir=cfg.samples_dir and Path(cfg.samples_dir).expanduser().absolute(),
-            sample_shares=[samples[rank::cfg.num_workers] for rank in range(cfg.num_workers)] if samples else [])
+            sample_shares=share_out(samples, cfg.num_workers) if samples else [])
         to_make = sum("file" in entry for entry in class_entries)
         log(f"fine-tuning {model_dir} on {len(instance_paths)} instance and {len(class_entries)} class images "
             f"({to_make} to generate first) at {resolution} px, {cfg.num_workers} worker(s) on "
@@ -127,13 +127,19 @@ def plan_class_images(cfg: TrainConfig) -> list[dict]:
     foreign = [path for path, digest in made_for.items() if digest not in (None, prompt_digest(cfg.class_prompt))]
     if foreign:
         log(f"leaving out {len(foreign)} images in {folder} generated for another class prompt")
-    count = max(0, cfg.num_class_images - len(own))
-    to_make = missing_images([cfg.class_prompt], count, folder, cfg.seed)
-    made = [folder / image_name(cfg.class_prompt, index) for index in range(count)]
-    if to_make:
+    entries = [{"path": str(path)} for path in own]
+    for index in range(cfg.num_class_images - len(own)):
+        path = folder / image_name(cfg.class_prompt, index)
+        entries.append({"path": str(path)} if path.exists() else
+                       {"prompt": cfg.class_prompt, "seed": image_seed(cfg.seed, cfg.class_prompt, index), "file": path.name})
+    if any("file" in entry for entry in entries):
         folder.mkdir(parents=True, exist_ok=True)
-    return ([{"path": str(path)} for path in own + made if path.exists()]
-            + [{"prompt": row["prompt"], "seed": row["seed"], "file": row["file"]} for row in to_make])
+    return entries
+
+
+def share_out(items: list, workers: int) -> list[list]:
+    """Worker r's share: every `workers`-th item from the r-th on."""
+    return [items[rank::workers] for rank in range(workers)]
 
 
 def plan_samples(cfg: TrainConfig) -> list[dict]:

@@ -92,10 +92,6 @@ class Batch:
     class_latent_mean: torch.Tensor | None = None
     class_latent_std: torch.Tensor | None = None
 
-    def to(self, device: torch.device) -> Batch:
-        return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in
-                       (self.pixels, self.prompt_ids, self.class_latent_mean, self.class_latent_std)))
-
 
 def latent_distribution(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of the VAE's latent distribution for `pixels`, unscaled, in fp32."""
