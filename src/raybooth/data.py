@@ -4,13 +4,12 @@ memory (batches.py) and crop from there: a few hundred images need no per-epoch 
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from raybooth.images import to_rgb
+from raybooth.images import open_image, to_rgb
 
 
 def tokenize(tokenizer, prompt: str) -> np.ndarray:
@@ -28,10 +27,7 @@ def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
 
 def load_image(path: str | Path, resolution: int) -> np.ndarray:
     """One image as uint8 RGB (HWC), upright by its EXIF orientation, shorter side `resolution`."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the driver's checks warned already
-        image = Image.open(path)
-    with image:
+    with open_image(path) as image:
         # A JPEG decodes at 1/2, 1/4 or 1/8 scale for a fraction of the time, never below the size we need.
         scale = resolution / min(image.size)
         image.draft("RGB", (max(1, round(image.width * scale)), max(1, round(image.height * scale))))

@@ -66,18 +66,24 @@ def find_images(folder: Path, role: str, may_be_empty: bool = False, resolution:
 def check_image(path: Path) -> tuple[tuple[int, int], bool]:
     """(width and height, whether it has transparency) of a readable image, else a clear error."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # ours below names the file
-            with Image.open(path) as image:
-                size = image.size
-                image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))  # a JPEG at 1/8: less memory
-                image.load()  # a whole decode all the same: truncated files pass Image.verify() but fail here
-                transparent = has_transparency(image)
+        with open_image(path) as image:  # PIL's warning for huge images is replaced by ours below
+            size = image.size
+            image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))  # a JPEG at 1/8: less memory
+            image.load()  # a whole decode all the same: truncated files pass Image.verify() but fail here
+            transparent = has_transparency(image)
     except Exception as error:  # PIL raises many types for bad files
         raise RayboothError(f"{path} is not a readable image ({type(error).__name__}: {error})") from None
     if size[0] * size[1] > Image.MAX_IMAGE_PIXELS:
         log(f"warning: {path} is {size[0]}x{size[1]}, an unusually large image; it is read at a reduced scale")
     return size, transparent
+
+
+def open_image(path: Path) -> Image.Image:
+    """`Image.open` without PIL's decompression-bomb warning: `check_image` warns about huge images
+    itself, naming the file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
 
 
 def has_transparency(image: Image.Image) -> bool:
