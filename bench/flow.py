@@ -20,6 +20,9 @@ from PIL import Image
 
 from raybooth.tiny import write_demo_subject
 
+SAMPLE_PROMPTS = [f"a photo of unqtkn dog {scene}".strip() for scene in
+                  ("", "on the beach", "in the snow", "at night", "in a city")]  # 4 samples each: the seed's 20
+
 
 def run(name: str, command: list[str], out: Path, env: dict | None = None) -> dict:
     started = time.perf_counter()
@@ -67,11 +70,9 @@ def main(model_dir: str, anchor_dir: str, out_dir: str) -> None:
         report[name] = [json.loads(line) for line in (out / f"{name}.log").read_text().splitlines()
                         if line.startswith("{")]
         save()
-    sample_prompts = [f"a photo of unqtkn dog {scene}".strip() for scene in
-                      ("", "on the beach", "in the snow", "at night", "in a city")]
     flow = run("raybooth-run", raybooth + [
         "run", "--model_dir", model_dir, "--instance_images_dir", str(subject), "--class_noun", "dog",
-        "--work_dir", str(work / "run"), "--sample_prompts", *sample_prompts, "--num_samples_per_prompt", "4"], out)
+        "--work_dir", str(work / "run"), "--sample_prompts", *SAMPLE_PROMPTS, "--num_samples_per_prompt", "4"], out)
     report["run"] = {"wall_s": flow["wall_s"], "exit": flow["exit"], "timeline": timeline(flow["log"]),
                      "steps_per_s": steady_steps_per_s(flow["log"])}
     save()

@@ -85,6 +85,19 @@ def make_batch(models, pairs: int, cached: bool) -> Batch:
     return Batch(pixels[:pairs], ids, mean, std)
 
 
+def seconds_per_step(step, batch: Batch, steps: int, warmup: int = 5) -> tuple[float, float]:
+    """Steady time of `step(batch)` after `warmup` steps (graph capture, kernel loading), and
+    the last step's loss."""
+    for _ in range(warmup):
+        step(batch)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        loss = step(batch)
+    last_loss = loss.total.item()  # waits for the last step
+    return (time.perf_counter() - started) / steps, last_loss
+
+
 def measure_step(model_dir: str, name: str, pairs: int = 1, graph: bool = False, cached: bool = False,
                  channels_last: bool = False, benchmark: bool = False, flops: bool = False, steps: int = 20,
                  peak: float | None = None) -> None:
@@ -100,17 +113,10 @@ def measure_step(model_dir: str, name: str, pairs: int = 1, graph: bool = False,
     eager = lambda b: train_step(models, optimizer, precision, b, 1.0, 1.0)  # noqa: E731
     zero = lambda: optimizer.zero_grad(set_to_none=True)  # noqa: E731
     step = GraphedStep(eager, zero) if graph else (lambda b: (eager(b), zero())[0])
-    for _ in range(5):
-        step(batch)
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(steps):
-        loss = step(batch)
-    loss.total.item()
-    seconds = (time.perf_counter() - started) / steps
+    seconds, loss = seconds_per_step(step, batch, steps)
     row = dict(what="step", name=name, pairs=pairs, step_ms=round(seconds * 1e3, 1),
                images_per_s=round(2 * pairs / seconds, 2), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-               loss=round(loss.total.item(), 4))
+               loss=round(loss, 4))
     if flops:
         from torch.utils.flop_counter import FlopCounterMode
         with FlopCounterMode(display=False) as counter:

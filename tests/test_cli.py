@@ -97,7 +97,7 @@ def test_the_readme_documents_every_flag_of_every_command():
     documented = readme_flags()
     documented["run"] |= documented["train"] - set(RUN_DERIVED_TRAIN_FIELDS)
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    for name in ("cache-model", "tiny-model", "generate", "train", "run"):
+    for name in ("cache-model", "tiny-model", "generate", "train", "run", "merge-lora"):
         flags = {action.option_strings[0][2:] for action in commands.choices[name]._actions
                  if action.option_strings and action.help != argparse.SUPPRESS and action.dest != "help"}
         assert flags == documented[name], f"raybooth {name}: README and parser differ"

@@ -46,3 +46,15 @@ def test_what_a_local_ray_cannot_grant_fails_at_once_but_an_attached_cluster_may
     monkeypatch.setattr(cluster, "_started_here", False)
     cluster.check_fits("4 workers", 4, "GPU")
     assert "waiting for the cluster to grow" in capsys.readouterr().err
+
+
+def test_gpu_communication_settings_are_handed_to_the_workers(monkeypatch):
+    # Some machines must keep NVLink multicast off; a worker on another node would not inherit it.
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")
+    monkeypatch.setenv("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    monkeypatch.setenv("NVSHMEM_DISABLE_NVLS", "1")
+    monkeypatch.setenv("UNRELATED_SETTING", "x")
+    forwarded = cluster.forwarded_environment()
+    assert {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+            "NVSHMEM_DISABLE_NVLS": "1"}.items() <= forwarded.items()
+    assert "UNRELATED_SETTING" not in forwarded

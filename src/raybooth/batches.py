@@ -89,13 +89,25 @@ class TrainingSet:
         crops = [self.crop(self.class_images[c]) for c in classes]
         return Batch(normalize(torch.stack(instance + crops)), self.prompt_ids)
 
-    def batches(self, num_epochs: int, max_steps: int) -> Iterator[tuple[int, int, Batch]]:
-        """(step, epoch, batch) until `num_epochs` pass or `max_steps` are taken. Steps count from 1."""
-        step = 0
-        for epoch in range(num_epochs):
-            order = self.epoch_order()
-            for start in range(0, len(order), self.batch_size):
-                step += 1
-                yield step, epoch, self.batch(order[start:start + self.batch_size])
-                if step >= max_steps:
-                    return
+    def batches(self, num_epochs: int, max_steps: int, step: int = 0,
+                resume: dict | None = None) -> Iterator[tuple[int, int, Batch]]:
+        """(step, epoch, batch) until `num_epochs` pass or `max_steps` are taken. Steps count from 1;
+        after a checkpoint, `step` and `resume` (a `position()` taken then) continue where it was."""
+        first_epoch, order, index = 0, None, 0
+        if resume:
+            self.rng.bit_generator.state = resume["rng"]
+            first_epoch, order, index = resume["epoch"], [tuple(pair) for pair in resume["order"]], resume["next"]
+        for epoch in range(first_epoch, num_epochs):
+            order = order or self.epoch_order()
+            while index < len(order) and step < max_steps:
+                step, start, index = step + 1, index, index + self.batch_size
+                batch = self.batch(order[start:index])
+                self._position = {"rng": self.rng.bit_generator.state, "epoch": epoch, "order": order, "next": index}
+                yield step, epoch, batch
+            if step >= max_steps:
+                return
+            order, index = None, 0
+
+    def position(self) -> dict:
+        """Where the latest batch left the data: its epoch's order, the next pair, the random state."""
+        return self._position

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from raybooth import __version__
-from raybooth.config import (RUN_DERIVED_TRAIN_FIELDS, CacheConfig, GenerateConfig, RunConfig, TinyModelConfig,
-                             TrainConfig)
+from raybooth.config import (RUN_DERIVED_TRAIN_FIELDS, CacheConfig, GenerateConfig, MergeLoraConfig, RunConfig,
+                             TinyModelConfig, TrainConfig)
 from raybooth.errors import RayboothError
 
 
@@ -96,6 +96,14 @@ def train_command(args: argparse.Namespace) -> None:
     print(train(config_from_args(TrainConfig, args)))
 
 
+def merge_lora_command(args: argparse.Namespace) -> None:
+    from raybooth.lora import merge_lora
+
+    cfg = config_from_args(MergeLoraConfig, args)
+    cfg.validate()
+    print(merge_lora(cfg.model_dir, cfg.lora_weights_dir, cfg.output_dir, cfg.lora_scale, cfg.overwrite))
+
+
 def run_settings(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any]]:
     """`run`'s own settings, and the training settings the user gave (only those)."""
     training = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
@@ -121,6 +129,8 @@ COMMANDS = {
     "run": (run_command, RunConfig,
             "Cache a model, generate class images, fine-tune and sample, in one go. "
             "Without arguments: the demo, on CPU, in a few minutes."),
+    "merge-lora": (merge_lora_command, MergeLoraConfig,
+                   "Fuse a LoRA adapter (from `train --use_lora`) into its base model; write a full pipeline."),
 }
 
 

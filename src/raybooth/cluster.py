@@ -30,7 +30,7 @@ def connect(address: str | None = None) -> None:
         # warns every second that it cannot reach the state API, burying our progress lines.
         quiet = dict(logging_level=logging.WARNING, logging_config=ray.LoggingConfig(encoding="TEXT", log_level="ERROR"))
         if target:
-            ray.init(address=target, **quiet)
+            ray.init(address=target, runtime_env={"env_vars": forwarded_environment()}, **quiet)
         else:
             start_local_ray(**quiet)
         _started_here = not target
@@ -56,9 +56,20 @@ def start_local_ray(**options) -> None:
     own_address = f"{ray.util.get_node_ip_address()}:{port}"
     os.environ[GCS_PORT_VARIABLE] = str(port)
     try:
-        ray.init(address="local", runtime_env={"env_vars": {"RAY_ADDRESS": own_address}}, **options)
+        ray.init(address="local", runtime_env={"env_vars": {"RAY_ADDRESS": own_address, **forwarded_environment()}},
+                 **options)
     finally:
         del os.environ[GCS_PORT_VARIABLE]
+
+
+# Settings of the GPU communication libraries that must reach every worker as the user set them
+# (some machines must keep NVLink multicast off: NCCL_NVLS_ENABLE=0 and the like).
+FORWARDED_PREFIXES = ("NCCL_", "TORCH_NCCL_", "TORCH_SYMM_MEM_", "NVSHMEM_")
+
+
+def forwarded_environment() -> dict[str, str]:
+    """This process's NCCL/NVSHMEM settings, for the workers' environment on any node."""
+    return {name: value for name, value in os.environ.items() if name.startswith(FORWARDED_PREFIXES)}
 
 
 def start_autoscaling_coordinator() -> None:

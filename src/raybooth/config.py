@@ -13,6 +13,8 @@ from typing import Any
 from raybooth.errors import RayboothError
 
 PRECISIONS = ("auto", "no", "fp16", "bf16")
+FULL_DEFAULT_LR, LORA_DEFAULT_LR = 5e-6, 1e-4
+LORA_DEFAULT_RANK = 4  # diffusers' train_dreambooth_lora.py default
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -52,6 +54,9 @@ class GenerateConfig:
                         choices=DTYPES)
     safety_checker: bool = option(True, "Run the model's safety checker, if it has one (flagged images come "
                                         "out black).")
+    lora_weights_dir: Path | None = option(None, "A LoRA adapter to apply to --model_dir: the --output_dir of "
+                                                 "`raybooth train --use_lora` (or a diffusers LoRA folder or file).")
+    lora_scale: float = option(1.0, "Strength of --lora_weights_dir: 0 is the base model, 1 the adapter as trained.")
     num_workers: int | None = option(None, "Generation actors (default: one per GPU, or one on CPU).")
     use_gpu: bool | None = option(None, "Generate on GPUs (default: when the Ray cluster has any).")
     address: str | None = option(None, "Ray cluster to attach to (default: RAY_ADDRESS, else a local Ray).")
@@ -61,8 +66,21 @@ class GenerateConfig:
     def validate(self) -> None:
         positive(num_samples_per_prompt=self.num_samples_per_prompt, num_inference_steps=self.num_inference_steps,
                  **given(batch_size=self.batch_size, resolution=self.resolution))
-        finite(guidance_scale=self.guidance_scale)
+        finite(guidance_scale=self.guidance_scale, lora_scale=self.lora_scale)
         check_prompts_given("--prompts", self.prompts)
+
+
+@dataclass
+class MergeLoraConfig:
+    model_dir: Path = option(help="The base pipeline the adapter was trained on (or a Hugging Face cache folder "
+                                  "holding it).")
+    lora_weights_dir: Path = option(help="The adapter: the --output_dir of `raybooth train --use_lora`.")
+    output_dir: Path = option(help="Folder for the merged pipeline; must be new, empty, or --overwrite.")
+    lora_scale: float = option(1.0, "Strength to merge the adapter at: 1 is as trained.")
+    overwrite: bool = option(False, "Replace a model already in --output_dir.")
+
+    def validate(self) -> None:
+        finite(lora_scale=self.lora_scale)
 
 
 @dataclass
@@ -78,7 +96,8 @@ class TrainConfig:
                                           "from the words the prompts end with).")
     num_class_images: int = option(200, "Class images to train with; the folder is topped up to this many.")
     train_batch_size: int = option(1, "Instance images per step per worker (each paired with a class image).")
-    lr: float = option(5e-6, "AdamW learning rate.")
+    lr: float | None = option(None, "AdamW learning rate (default: 5e-6 for full fine-tuning, 1e-4 with "
+                                    "--use_lora).")
     num_epochs: int = option(4, "Passes over the instance/class pairs.")
     max_train_steps: int = option(800, "Stop after this many optimizer steps, even mid-epoch.")
     prior_loss_weight: float = option(1.0, "Weight of the class (prior-preservation) loss.")
@@ -92,12 +111,32 @@ class TrainConfig:
     use_gpu: bool | None = option(None, "Train on GPUs (default: when the Ray cluster has any).")
     gpus_per_worker: int = option(1, "GPUs per worker; 2 puts the UNet on one and the text encoder on the other.",
                                   choices=(1, 2))
+    placement_strategy: str = option("PACK", "Where Ray places the workers: PACK fills a node first (fast all-reduce), "
+                                             "SPREAD puts them on different nodes.", choices=("PACK", "SPREAD"))
     report_every_n_steps: int = option(10, "Average the loss over workers and report it every N steps.")
-    cuda_graphs: bool = option(True, "On one GPU, capture the training step as a CUDA graph and replay it "
-                                     "(same math, about 2.5x faster; not with fp16, DDP or --gpus_per_worker 2).")
+    cuda_graphs: bool = option(True, "On GPUs, capture the training step (all-reduce included) as a CUDA graph "
+                                     "and replay it (same math, about 2.5x faster; not with fp16 or "
+                                     "--gpus_per_worker 2).")
+    use_lora: bool = option(False, "Train LoRA adapters beside the frozen UNet (and text encoder) instead of "
+                                   "the full weights; --output_dir then holds only the adapter "
+                                   "(pytorch_lora_weights.safetensors, a few MB).")
+    lora_rank: int = option(4, "Rank of the LoRA adapters (with --use_lora).")
+    lora_alpha: float | None = option(None, "LoRA alpha; the adapters' update is scaled by alpha / rank "
+                                            "(with --use_lora; default: the rank).")
+    lora_text_encoder: bool = option(True, "With --use_lora and --train_text_encoder, give the text encoder "
+                                           "adapters too (else it stays frozen).")
     address: str | None = option(None, "Ray cluster to attach to (default: RAY_ADDRESS, else a local Ray).")
     storage_path: str | None = option(None, "Folder or URI (pyarrow) that all nodes share, for Ray Train's "
                                             "checkpoints (default: ~/ray_results).")
+    checkpointing_steps: int = option(500, "Save a resumable checkpoint (weights, optimizer, step, data position, "
+                                           "random state) every N steps, under --storage_path.")
+    checkpoints_total_limit: int = option(2, "Checkpoints to keep, the newest; each holds the trained weights and "
+                                            "the optimizer state.")
+    resume_from_checkpoint: str = option("latest", "latest: continue from the newest checkpoint of an earlier run "
+                                                   "of this command, if any; a checkpoint folder; or none: start "
+                                                   "over.")
+    max_failures: int = option(0, "Times Ray Train may restart the workers after one dies (lost node, OOM), "
+                                  "each time from the latest checkpoint.")
     overwrite: bool = option(False, "Replace a model already in --output_dir.")
     sample_batch_size: int | None = option(None, "Batch size for generating missing class images "
                                                  "(default: 16 on GPU, 4 on CPU).")
@@ -112,11 +151,15 @@ class TrainConfig:
         positive(num_class_images=self.num_class_images, train_batch_size=self.train_batch_size,
                  num_epochs=self.num_epochs, max_train_steps=self.max_train_steps, num_workers=self.num_workers,
                  report_every_n_steps=self.report_every_n_steps, num_inference_steps=self.num_inference_steps,
+                 checkpointing_steps=self.checkpointing_steps, checkpoints_total_limit=self.checkpoints_total_limit,
                  **given(sample_batch_size=self.sample_batch_size, resolution=self.resolution))
-        finite(lr=self.lr, prior_loss_weight=self.prior_loss_weight, max_grad_norm=self.max_grad_norm,
-               guidance_scale=self.guidance_scale)
-        if self.lr <= 0:
+        finite(prior_loss_weight=self.prior_loss_weight, max_grad_norm=self.max_grad_norm,
+               guidance_scale=self.guidance_scale, **given(lr=self.lr, lora_alpha=self.lora_alpha))
+        if self.lr is not None and self.lr <= 0:
             raise RayboothError(f"--lr must be positive, got {self.lr}")
+        self.validate_lora()
+        if self.max_failures < 0:
+            raise RayboothError(f"--max_failures must be 0 or more, got {self.max_failures}")
         if self.prior_loss_weight < 0 or self.max_grad_norm <= 0:
             raise RayboothError("--prior_loss_weight must be >= 0 and --max_grad_norm > 0")
         if self.gpus_per_worker == 2 and self.use_gpu is False:
@@ -126,6 +169,29 @@ class TrainConfig:
             check_prompts_given("--sample_prompts", self.sample_prompts)
             if self.samples_dir is None:
                 raise RayboothError("--sample_prompts needs --samples_dir, the folder for the samples")
+
+    def validate_lora(self) -> None:
+        positive(lora_rank=self.lora_rank)
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise RayboothError(f"--lora_alpha must be positive, got {self.lora_alpha}")
+        if not self.use_lora and (self.lora_rank != LORA_DEFAULT_RANK or self.lora_alpha is not None
+                                  or not self.lora_text_encoder):
+            raise RayboothError("--lora_rank, --lora_alpha and --no_lora_text_encoder need --use_lora")
+
+    def learning_rate(self) -> float:
+        """--lr, or its default for the kind of training: LoRA adapters start at zero and need
+        larger steps than the pretrained weights can take."""
+        if self.lr is not None:
+            return self.lr
+        return LORA_DEFAULT_LR if self.use_lora else FULL_DEFAULT_LR
+
+    def adapter_alpha(self) -> float:
+        return self.lora_rank if self.lora_alpha is None else self.lora_alpha
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        """Whether the text encoder is trained at all: fully, or through its adapters."""
+        return self.train_text_encoder and (self.lora_text_encoder or not self.use_lora)
 
 
 @dataclass

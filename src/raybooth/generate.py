@@ -21,6 +21,7 @@ from raybooth.cluster import check_fits, cluster_resource, connect, cpus_per_wor
 from raybooth.config import GenerateConfig
 from raybooth.errors import RayboothError
 from raybooth.log import log, quiet_model_libraries
+from raybooth.lora import check_lora_dir, fuse_adapters, load_adapters
 from raybooth.models import resolve_model_dir, resolve_resolution
 from raybooth.prompts import check_prompt_lengths
 
@@ -86,7 +87,8 @@ class ImageGenerator:
     """A Ray Data actor: loads the pipeline once, then renders batches of rows."""
 
     def __init__(self, model_dir: str, use_gpu: bool, dtype: str, num_inference_steps: int, guidance_scale: float,
-                 resolution: int, safety_checker: bool = True):
+                 resolution: int, safety_checker: bool = True, lora_weights: str | None = None,
+                 lora_scale: float = 1.0):
         quiet_model_libraries()
         from diffusers import StableDiffusionPipeline
 
@@ -95,6 +97,8 @@ class ImageGenerator:
         without_checker = {} if safety_checker else dict(safety_checker=None, requires_safety_checker=False)
         self.pipeline = StableDiffusionPipeline.from_pretrained(model_dir, **without_checker).to(
             self.device, inference_dtype(dtype, self.device))
+        if lora_weights:
+            load_adapters(self.pipeline, Path(lora_weights), lora_scale)
         self.pipeline.set_progress_bar_config(disable=True)
         self.settings = pipeline_settings(num_inference_steps, guidance_scale, resolution)
 
@@ -132,6 +136,7 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     cfg.validate()
     model_dir = resolve_model_dir(cfg.model_dir)
     resolution = resolve_resolution(model_dir, cfg.resolution)
+    lora_weights = cfg.lora_weights_dir and str(check_lora_dir(cfg.lora_weights_dir, model_dir))
     check_prompt_lengths(model_dir, {f"--prompts {i}": p for i, p in enumerate(cfg.prompts, 1)}, {})
     output_dir = Path(cfg.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
@@ -157,7 +162,9 @@ def generate(cfg: GenerateConfig) -> list[Path]:
         num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_worker(actors, use_gpu),
         fn_constructor_kwargs=dict(model_dir=str(model_dir), use_gpu=use_gpu, dtype=cfg.dtype, resolution=resolution,
                                    num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                                   safety_checker=cfg.safety_checker)).map_batches(encode_pngs, batch_size=None)
+                                   safety_checker=cfg.safety_checker,
+                                   lora_weights=lora_weights, lora_scale=cfg.lora_scale)
+    ).map_batches(encode_pngs, batch_size=None)
     started, done = time.monotonic(), 0
     every = math.ceil(len(todo) / 10)
     for row in images.iter_rows():
@@ -172,7 +179,8 @@ def generate(cfg: GenerateConfig) -> list[Path]:
 def pipeline_from_models(models, model_dir: Path, safety_checker: bool = False):
     """A generation pipeline over a training worker's modules, in the dtype and on the device that
     `raybooth generate` would load them with, so a seed gives the same image either way. The
-    trained modules are copied (they stay fp32 for training); the frozen VAE is shared."""
+    trained modules are copied (they stay fp32 for training), LoRA adapters fused into the copy
+    as `raybooth generate --lora_weights_dir` fuses them; frozen modules are shared."""
     import copy
 
     from diffusers import StableDiffusionPipeline
@@ -186,7 +194,7 @@ def pipeline_from_models(models, model_dir: Path, safety_checker: bool = False):
         module = unwrap(module)
         if module.dtype == dtype and module.device == device and not any(p.requires_grad for p in module.parameters()):
             return module
-        return copy.deepcopy(module).to(device, dtype).eval().requires_grad_(False)
+        return fuse_adapters(copy.deepcopy(module)).to(device, dtype).eval().requires_grad_(False)
 
     without_checker = {} if safety_checker else dict(safety_checker=None, requires_safety_checker=False)
     pipeline = StableDiffusionPipeline.from_pretrained(

@@ -44,8 +44,12 @@ class GraphedStep(Generic[Inputs, Outputs]):
     the graph's own, and its outputs are copied out, so callers may keep them.
     """
 
-    def __init__(self, step: Callable[[Inputs], Outputs], zero_grad: Callable[[], None], warmup_steps: int = 3):
+    def __init__(self, step: Callable[[Inputs], Outputs], zero_grad: Callable[[], None], warmup_steps: int = 3,
+                 stream: torch.cuda.Stream | None = None):
         self.step, self.zero_grad, self.warmup_steps = step, zero_grad, warmup_steps
+        # One side stream for the warm-up and the capture: autograd keeps gradient accumulators
+        # (and DDP its hooks) on the stream they were first used on.
+        self.stream = stream or torch.cuda.Stream()
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_inputs: Inputs | None = None
@@ -64,17 +68,16 @@ class GraphedStep(Generic[Inputs, Outputs]):
         return _map_tensors(self.static_outputs, torch.clone)
 
     def _eager(self, inputs: Inputs) -> Outputs:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
             outputs = self.step(inputs)
             self.zero_grad()
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(self.stream)
         return outputs
 
     def _capture(self, inputs: Inputs) -> None:
         self.static_inputs = _map_tensors(inputs, torch.clone)
         self.zero_grad()  # gradients come to life inside the graph's memory pool
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=self.stream):
             self.static_outputs = self.step(self.static_inputs)

@@ -17,6 +17,10 @@ from raybooth.errors import RayboothError
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 TRAINING_LOG = "training_log.json"  # written beside the fine-tuned pipeline
+# What `train --use_lora` writes instead of a pipeline: the adapter, in the file name diffusers'
+# load_lora_weights looks for, and the run's settings (which also mark the folder as ours).
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+LORA_SETTINGS = "raybooth_lora.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -113,18 +117,21 @@ def load_tokenizer(model_dir: Path):
 
 
 def load_for_training(model_dir: Path, device: torch.device, text_encoder_device: torch.device,
-                      frozen_dtype: torch.dtype, train_text_encoder: bool):
+                      frozen_dtype: torch.dtype, train_text_encoder: bool, lora: bool = False):
     """The models one training worker needs. Trained modules keep fp32 weights (autocast gives
-    the speed; fp32 masters keep small updates from rounding away); frozen ones take `frozen_dtype`."""
+    the speed; fp32 masters keep small updates from rounding away); frozen ones take `frozen_dtype`.
+    With `lora` UNet and text encoder are frozen too: only the adapters added later (lora.py) train."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from raybooth.training import DreamBoothModels
 
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").to(device)  # fp32, as loaded
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    unet.to(device, frozen_dtype if lora else torch.float32)
+    unet.requires_grad_(not lora)
     text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
-    text_encoder.to(text_encoder_device, torch.float32 if train_text_encoder else frozen_dtype)
-    text_encoder.requires_grad_(train_text_encoder)
+    text_encoder.to(text_encoder_device, torch.float32 if train_text_encoder and not lora else frozen_dtype)
+    text_encoder.requires_grad_(train_text_encoder and not lora)
     vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").to(device, frozen_dtype)
     vae.requires_grad_(False)
     unet.train()
@@ -155,12 +162,16 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
         raise RayboothError(f"output {path} is a file, not a folder")
     if not any(path.iterdir()):
         return
-    if not (path / "model_index.json").exists():
+    lora = (path / LORA_WEIGHTS).is_file() and (path / LORA_SETTINGS).is_file()  # a `train --use_lora` output
+    if not lora and not (path / "model_index.json").exists():
         raise RayboothError(f"{path} is not empty and holds no model; choose a new or empty folder")
     if not overwrite:
-        raise RayboothError(f"{path} already holds a model; pass --overwrite to replace it")
-    index = read_json(path / "model_index.json", "model index")
-    model_parts = {"model_index.json", TRAINING_LOG, *index}
+        what = "a LoRA adapter" if lora else "a model"
+        raise RayboothError(f"{path} already holds {what}; pass --overwrite to replace it")
+    if lora:
+        model_parts = {LORA_WEIGHTS, LORA_SETTINGS, TRAINING_LOG}
+    else:
+        model_parts = {"model_index.json", TRAINING_LOG, *read_json(path / "model_index.json", "model index")}
     strangers = sorted(entry.name for entry in path.iterdir() if entry.name not in model_parts)
     if strangers:
         raise RayboothError(f"{path} holds a model and other files ({', '.join(strangers[:5])}), which "

@@ -13,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+from raybooth.checkpoints import fingerprint
 from raybooth.cluster import check_fits, cluster_resource, connect, cpus_per_worker, decide_use_gpu, node_count
 from raybooth.config import TrainConfig
 from raybooth.data import image_dataset
@@ -23,6 +24,7 @@ from raybooth.log import log
 from raybooth.models import (TRAINING_LOG, check_output_dir, copy_base_components, copy_trained, finish_model_dir,
                              resolve_model_dir, resolve_resolution, start_model_dir)
 from raybooth.prompts import check_prompt_lengths, check_prompts, words
+from raybooth.runs import RunFolder
 from raybooth.worker import OUTPUT_TOKEN, TrainPlan, train_worker
 
 
@@ -30,6 +32,9 @@ def train(cfg: TrainConfig) -> Path:
     """Fine-tune `cfg.model_dir` on the subject; returns the output pipeline folder."""
     started = time.time()
     model_dir, resolution, instance_paths = check_inputs(cfg)  # before Ray: bad input costs seconds
+    settings = fingerprint(cfg, resolution)
+    run = RunFolder(cfg)
+    resume_from = run.plan_resume(cfg.resume_from_checkpoint, settings)
     partial = start_output(cfg)
     class_dir_is_new = not class_dir(cfg).exists()
     try:
@@ -37,7 +42,9 @@ def train(cfg: TrainConfig) -> Path:
         use_gpu, gpus_per_worker = worker_gpus(cfg)
         class_entries = plan_class_images(cfg)
         samples = plan_samples(cfg)
-        copy_base_components(model_dir, partial, skip=("unet", "text_encoder") if cfg.train_text_encoder else ("unet",))
+        if not cfg.use_lora:  # a LoRA output holds the adapter alone, no pipeline
+            copy_base_components(model_dir, partial,
+                                 skip=("unet", "text_encoder") if cfg.train_text_encoder else ("unet",))
         token = uuid.uuid4().hex
         (partial / OUTPUT_TOKEN).write_text(token)
         shares = share_out(class_entries, cfg.num_workers)
@@ -46,12 +53,13 @@ def train(cfg: TrainConfig) -> Path:
             output_partial=str(partial), output_token=token, started_at=started,
             pairs_per_worker=max(math.ceil(len(instance_paths) / cfg.num_workers), max(map(len, shares))),
             samples_dir=cfg.samples_dir and Path(cfg.samples_dir).expanduser().absolute(),
-            sample_shares=share_out(samples, cfg.num_workers) if samples else [])
+            sample_shares=share_out(samples, cfg.num_workers) if samples else [], settings=settings,
+            resume_from=resume_from)
         to_make = sum("file" in entry for entry in class_entries)
         log(f"fine-tuning {model_dir} on {len(instance_paths)} instance and {len(class_entries)} class images "
             f"({to_make} to generate first) at {resolution} px, {cfg.num_workers} worker(s) on "
             f"{'GPU' if use_gpu else 'CPU'}")
-        result = fit(cfg, plan, datasets(instance_paths, shares, resolution), use_gpu, gpus_per_worker)
+        result = fit(cfg, plan, datasets(instance_paths, shares, resolution), use_gpu, gpus_per_worker, run)
         log("workers finished")
         if not (partial / TRAINING_LOG).exists():
             log("rank 0 could not see the output folder; taking the weights from its Ray Train checkpoint")
@@ -60,13 +68,18 @@ def train(cfg: TrainConfig) -> Path:
         (partial / OUTPUT_TOKEN).unlink()
         output_dir = finish_model_dir(partial, cfg.output_dir)
         result.filesystem.delete_dir(result.path)  # Ray Train's run folder: nothing in it is needed now
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(partial, ignore_errors=True)
+        run.after_failure(interrupted=isinstance(error, KeyboardInterrupt))
         if class_dir_is_new and class_dir(cfg).is_dir() and not any(class_dir(cfg).iterdir()):
             class_dir(cfg).rmdir()  # made for this run, and nothing was put in it
         raise
     summarize(json.loads((output_dir / TRAINING_LOG).read_text())["history"])
-    log(f"wrote the fine-tuned pipeline to {output_dir}")
+    if cfg.use_lora:
+        log(f"wrote the LoRA adapter to {output_dir}; apply it to {model_dir} with `raybooth generate --model_dir "
+            f"{model_dir} --lora_weights_dir {output_dir}` (or `raybooth merge-lora` for a full pipeline)")
+    else:
+        log(f"wrote the fine-tuned pipeline to {output_dir}")
     return output_dir
 
 
@@ -170,7 +183,7 @@ def datasets(instance_paths: list[Path], shares: list[list[dict]], resolution: i
     return out
 
 
-def fit(cfg: TrainConfig, plan: TrainPlan, train_datasets: dict, use_gpu: bool, gpus_per_worker: int):
+def fit(cfg: TrainConfig, plan: TrainPlan, train_datasets: dict, use_gpu: bool, gpus_per_worker: int, run: RunFolder):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -181,9 +194,12 @@ def fit(cfg: TrainConfig, plan: TrainPlan, train_datasets: dict, use_gpu: bool, 
         train_worker,
         train_loop_config={"config": cfg, "plan": plan},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=f"raybooth-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-                                       storage_path=absolute_storage_path(cfg.storage_path)),
+                                               resources_per_worker=resources,
+                                               placement_strategy=cfg.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=run.name, storage_path=run.storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoints_total_limit),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
         datasets=train_datasets, dataset_config=ray.train.DataConfig(datasets_to_split=[]))
     try:
         return fit_interruptibly(trainer)
@@ -192,8 +208,9 @@ def fit(cfg: TrainConfig, plan: TrainPlan, train_datasets: dict, use_gpu: bool, 
         ours = [line.split("RayboothError: ", 1)[1] for line in lines if "RayboothError: " in line]
         if ours:  # a problem the worker could name
             raise RayboothError(ours[-1]) from None
+        log_file = run.write_error_log(str(error))
         raise RayboothError(f"training failed on a worker: {lines[-1] if lines else error!r} "
-                            "(its traceback is printed above)") from None
+                            f"(the full traceback is in {log_file})") from None
 
 
 def fit_interruptibly(trainer):
@@ -222,10 +239,3 @@ def summarize(history: list[dict]) -> None:
         window = max(1, min(10, len(history) // 2))
         first, last = (sum(row["loss"] for row in rows) / len(rows) for rows in (history[:window], history[-window:]))
         log(f"{len(history)} steps; mean loss of the first {window} steps {first:.4f}, of the last {window} {last:.4f}")
-
-
-def absolute_storage_path(storage_path: str | None) -> str | None:
-    """A local folder made absolute (workers resolve relative paths elsewhere); URIs as given."""
-    if storage_path is None or "://" in storage_path:
-        return storage_path
-    return str(Path(storage_path).expanduser().absolute())

@@ -33,12 +33,16 @@ class DreamBoothModels:
         modules = [self.unet] + ([self.text_encoder] if self.train_text_encoder else [])
         return [p for module in modules for p in module.parameters() if p.requires_grad]
 
-    def data_parallel(self) -> DreamBoothModels:
+    def data_parallel(self, stream: torch.cuda.Stream | None = None) -> DreamBoothModels:
         """The trained modules wrapped in DDP, each on its own device (the UNet and the text
-        encoder may sit on two GPUs of one worker)."""
+        encoder may sit on two GPUs of one worker). A CUDA graph that is to capture DDP's
+        all-reduce asks for DDP to be built on the stream it captures on: `stream`."""
         def wrap(module: torch.nn.Module) -> DistributedDataParallel:
             device = next(module.parameters()).device
-            return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+            if device.type != "cuda":
+                return DistributedDataParallel(module)
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                return DistributedDataParallel(module, device_ids=[device])
 
         return replace(self, unet=wrap(self.unet),
                        text_encoder=wrap(self.text_encoder) if self.train_text_encoder else self.text_encoder)

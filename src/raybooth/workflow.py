@@ -4,7 +4,7 @@ script lays it out under one work folder:
     model-orig/   the pretrained pipeline (cached from the hub, or the built-in tiny model)
     images-own/   the subject's photos (the built-in toy car for the demo)
     images-reg/   class images generated for prior preservation
-    model-tuned/  the fine-tuned pipeline
+    model-tuned/  the fine-tuned pipeline (with --use_lora: the LoRA adapter, for model-orig/)
     images-new/   samples of the subject from the fine-tuned pipeline
 """
 
@@ -57,7 +57,12 @@ def run(cfg: RunConfig, training: dict[str, Any]) -> Path:
         **(DEMO_TRAINING if cfg.uses_tiny_model else {}) | training)
     train(train_cfg)
     samples = image_files(samples_dir)
-    log(f"done. Fine-tuned pipeline: {tuned_dir}")
+    if train_cfg.use_lora:
+        log(f"done. LoRA adapter: {tuned_dir}, for the base model {train_cfg.model_dir}; sample it with "
+            f"`raybooth generate --model_dir {train_cfg.model_dir} --lora_weights_dir {tuned_dir} "
+            f"--output_dir OUT --prompts PROMPT`")
+    else:
+        log(f"done. Fine-tuned pipeline: {tuned_dir}")
     log(f"{len(samples)} samples of {train_cfg.instance_prompt!r} and other scenes: {samples_dir}")
     return work_dir
 

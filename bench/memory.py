@@ -1,0 +1,57 @@
+"""Peak GPU memory and step time of full fine-tuning against LoRA (issue 6), one configuration per
+fresh process so that peaks are clean: SD-1.5-sized random weights, 512 px, UNet and text
+encoder trained, bf16 autocast, the step as a CUDA graph with class latents cached, as
+`raybooth train` runs it. Prints one JSON line.
+
+    python bench/memory.py MODEL_DIR full|lora PAIRS     # PAIRS: instance images per step (+ as many class)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from levers import make_batch, seconds_per_step
+from raybooth.graphs import GraphedStep
+from raybooth.lora import add_adapters, save_adapters
+from raybooth.models import load_for_training
+from raybooth.training import Precision, make_optimizer, train_step
+
+DEVICE = torch.device("cuda")
+
+
+def main(model_dir: str, variant: str, pairs: int, steps: int = 20) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = True
+    precision = Precision("bf16", DEVICE)
+    lora = variant == "lora"
+    models = load_for_training(Path(model_dir), DEVICE, DEVICE, precision.frozen_dtype, train_text_encoder=not lora)
+    if lora:  # the base frozen in bf16, fp32 adapters on UNet and text encoder, as `--use_lora` trains
+        models.unet.to(precision.frozen_dtype)
+        add_adapters(models.unet, models.text_encoder, rank=4, alpha=4, lora_text_encoder=True)
+        models = dataclasses.replace(models, train_text_encoder=True)
+    parameters = models.trainable_parameters()
+    optimizer = make_optimizer(parameters, lr=1e-4 if lora else 5e-6)
+    batch = make_batch(models, pairs, cached=True)
+    step = GraphedStep(lambda b: train_step(models, optimizer, precision, b, 1.0, 1.0),
+                       lambda: optimizer.zero_grad(set_to_none=True))
+    try:
+        seconds, _ = seconds_per_step(step, batch, steps)
+    except torch.OutOfMemoryError:
+        print(json.dumps(dict(variant=variant, pairs=pairs, out_of_memory=True)), flush=True)
+        return
+    row = dict(variant=variant, pairs=pairs, step_ms=round(seconds * 1e3, 1), images_per_s=round(2 * pairs / seconds, 1),
+               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+               trained_parameters_m=round(sum(p.numel() for p in parameters) / 1e6, 2))
+    if lora:
+        with tempfile.TemporaryDirectory() as folder:
+            row["adapter_mb"] = round(save_adapters(models.unet, models.text_encoder, Path(folder)).stat().st_size / 1e6, 2)
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

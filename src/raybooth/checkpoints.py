@@ -1,0 +1,113 @@
+"""Training state that outlives a lost worker, a lost node or a Ctrl-C: the trained weights,
+the optimizer, the step, the loss history, and each worker's place in its data and random
+streams, so that a resumed run takes exactly the steps an uninterrupted one would have taken.
+
+Rank 0 writes what all workers share (weights, optimizer, history); every rank writes its own
+random state. Ray Train gathers the ranks' files into one checkpoint folder on its storage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from raybooth.errors import RayboothError
+
+STATE = "trainer_state.json"
+TRAINED = "trained.safetensors"
+OPTIMIZER = "optimizer.pt"
+CHECKPOINT_PREFIX = "step-"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:07d}"
+
+
+def fingerprint(cfg, resolution: int) -> dict:
+    """The settings a checkpoint only fits: resuming under others would train another model."""
+    return {"model_dir": str(cfg.model_dir), "instance_prompt": cfg.instance_prompt, "class_prompt": cfg.class_prompt,
+            "num_workers": cfg.num_workers, "train_batch_size": cfg.train_batch_size, "resolution": resolution,
+            "seed": cfg.seed, "train_text_encoder": cfg.train_text_encoder,
+            "use_lora": cfg.use_lora, "lora_rank": cfg.lora_rank if cfg.use_lora else None,
+            "lora_alpha": cfg.adapter_alpha() if cfg.use_lora else None,
+            "lora_text_encoder": cfg.lora_text_encoder if cfg.use_lora else None}
+
+
+def run_name(output_dir: Path) -> str:
+    """Ray Train's name for the run that writes `output_dir`: the same command gets the same
+    name, so a re-run finds the checkpoints of the one it continues."""
+    return "raybooth-" + hashlib.sha1(str(Path(output_dir).absolute()).encode()).hexdigest()[:12]
+
+
+def trained_tensors(models) -> dict[str, torch.Tensor]:
+    """Every trained parameter (full weights, or only LoRA adapters), by module-qualified name."""
+    from raybooth.training import unwrap
+
+    return {f"{prefix}.{name}": parameter.detach()
+            for prefix, module in (("unet", models.unet), ("text_encoder", models.text_encoder))
+            for name, parameter in unwrap(module).named_parameters() if parameter.requires_grad}
+
+
+def write_checkpoint(folder: Path, rank: int, models, optimizer: torch.optim.Optimizer, step: int, history: list,
+                     data_position: dict, settings: dict) -> None:
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if rank == 0:
+        save_file({name: tensor.contiguous() for name, tensor in trained_tensors(models).items()}, folder / TRAINED)
+        torch.save(optimizer.state_dict(), folder / OPTIMIZER)
+        (folder / STATE).write_text(json.dumps({"step": step, "history": history, "settings": settings}))
+    device = models.device
+    torch.save({"torch": torch.get_rng_state(), "data": data_position,
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+               folder / f"rng-{rank}.pt")
+
+
+def read_state(folder: Path) -> dict | None:
+    """The checkpoint's step, history and settings; None for a folder that holds only final
+    weights (the last report of a finished run)."""
+    path = Path(folder) / STATE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def restore(folder: Path, rank: int, models, optimizer: torch.optim.Optimizer) -> tuple[int, list, dict]:
+    """Load a checkpoint into the models and optimizer; returns (step, history, data position)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    state = read_state(folder)
+    saved = load_file(folder / TRAINED)
+    with torch.no_grad():
+        for name, tensor in trained_tensors(models).items():
+            tensor.copy_(saved[name])
+    optimizer.load_state_dict(torch.load(folder / OPTIMIZER, map_location=models.device, weights_only=True))
+    random_state = torch.load(folder / f"rng-{rank}.pt", weights_only=False)
+    torch.set_rng_state(random_state["torch"])
+    if random_state["cuda"] is not None:
+        torch.cuda.set_rng_state(random_state["cuda"], models.device)
+    return state["step"], state["history"], random_state["data"]
+
+
+def check_settings(folder: Path, settings: dict) -> None:
+    saved = (read_state(folder) or {}).get("settings", settings)
+    changed = sorted(name for name in settings if saved.get(name) != settings[name])
+    if changed:
+        raise RayboothError(f"the checkpoint in {folder} comes from a run with other settings ({', '.join(changed)}); "
+                            "pass --resume_from_checkpoint none to start over")
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether every file of the checkpoint is there (an upload cut short leaves some out)."""
+    state = read_state(folder)
+    if state is None:
+        return False
+    ranks = [f"rng-{rank}.pt" for rank in range(state["settings"]["num_workers"])]
+    return all((Path(folder) / name).is_file() for name in (TRAINED, OPTIMIZER, *ranks))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder in a local run folder, if any."""
+    found = sorted(p.parent for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*/{STATE}") if is_complete(p.parent))
+    return found[-1] if found else None
