@@ -1,87 +1,13 @@
-"""Typed settings for each step. The CLI builds its flags from these fields, so a field's
-name is its flag (`--train_batch_size`, also spelled `--train-batch-size`) and its help
-text lives here, next to its default."""
+"""`raybooth train`'s settings."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from raybooth.config.fields import (FULL_DEFAULT_LR, LORA_DEFAULT_LR, LORA_DEFAULT_RANK, PRECISIONS,
+                                    check_prompts_given, finite, given, option, positive)
 from raybooth.errors import RayboothError
-
-PRECISIONS = ("auto", "no", "fp16", "bf16")
-FULL_DEFAULT_LR, LORA_DEFAULT_LR = 5e-6, 1e-4
-LORA_DEFAULT_RANK = 4  # diffusers' train_dreambooth_lora.py default
-DTYPES = ("auto", "fp32", "fp16", "bf16")
-
-
-def option(default: Any = dataclasses.MISSING, help: str = "", **cli: Any) -> Any:
-    """A dataclass field that carries its command-line help (and argparse extras) along."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **cli})
-    return field(default=default, metadata={"help": help, **cli})
-
-
-@dataclass
-class CacheConfig:
-    model_name: str = option(help="Hugging Face model repository, e.g. CompVis/stable-diffusion-v1-4.")
-    revision: str = option(help="Commit hash (or branch) of the repository to cache.")
-    model_dir: Path = option(help="Cache folder; the model lands in DIR/models--ORG--NAME/snapshots/HASH.")
-
-
-@dataclass
-class TinyModelConfig:
-    output_dir: Path = option(help="Folder to write the tiny diffusers pipeline to.")
-    seed: int = option(0, "Seed for the random weights.")
-    overwrite: bool = option(False, "Replace a model already in --output_dir.")
-
-
-@dataclass
-class GenerateConfig:
-    model_dir: Path = option(help="Diffusers pipeline folder (or a Hugging Face cache folder holding one).")
-    output_dir: Path = option(help="Folder for the images; images already there are kept, not redone.")
-    prompts: list[str] = option(help="One or more prompts.", nargs="+")
-    num_samples_per_prompt: int = option(1, "Images per prompt.")
-    batch_size: int | None = option(None, "Images per pipeline call on each worker (default: 16 on GPU, 4 on CPU).")
-    num_inference_steps: int = option(50, "Denoising steps per image.")
-    guidance_scale: float = option(7.5, "Classifier-free guidance scale.")
-    resolution: int | None = option(None, "Image side in pixels (default: the model's native size).")
-    seed: int = option(0, "Base seed; each image's seed derives from it, its prompt and its index.")
-    dtype: str = option("auto", "Inference dtype; auto is bf16 (fp16 where bf16 is unsupported) on GPU, fp32 on CPU.",
-                        choices=DTYPES)
-    safety_checker: bool = option(True, "Run the model's safety checker, if it has one (flagged images come "
-                                        "out black).")
-    lora_weights_dir: Path | None = option(None, "A LoRA adapter to apply to --model_dir: the --output_dir of "
-                                                 "`raybooth train --use_lora` (or a diffusers LoRA folder or file).")
-    lora_scale: float = option(1.0, "Strength of --lora_weights_dir: 0 is the base model, 1 the adapter as trained.")
-    num_workers: int | None = option(None, "Generation actors (default: one per GPU, or one on CPU).")
-    use_gpu: bool | None = option(None, "Generate on GPUs (default: when the Ray cluster has any).")
-    address: str | None = option(None, "Ray cluster to attach to (default: RAY_ADDRESS, else a local Ray).")
-    use_ray_data: bool = option(True, "Accepted for the seed scripts; generation always runs on Ray Data.",
-                                hidden=True)
-
-    def validate(self) -> None:
-        positive(num_samples_per_prompt=self.num_samples_per_prompt, num_inference_steps=self.num_inference_steps,
-                 **given(batch_size=self.batch_size, resolution=self.resolution))
-        finite(guidance_scale=self.guidance_scale, lora_scale=self.lora_scale)
-        check_prompts_given("--prompts", self.prompts)
-
-
-@dataclass
-class MergeLoraConfig:
-    model_dir: Path = option(help="The base pipeline the adapter was trained on (or a Hugging Face cache folder "
-                                  "holding it).")
-    lora_weights_dir: Path = option(help="The adapter: the --output_dir of `raybooth train --use_lora`.")
-    output_dir: Path = option(help="Folder for the merged pipeline; must be new, empty, or --overwrite.")
-    lora_scale: float = option(1.0, "Strength to merge the adapter at: 1 is as trained.")
-    overwrite: bool = option(False, "Replace a model already in --output_dir.")
-
-    def validate(self) -> None:
-        finite(lora_scale=self.lora_scale)
-
 
 @dataclass
 class TrainConfig:
@@ -192,59 +118,3 @@ class TrainConfig:
     def trains_text_encoder(self) -> bool:
         """Whether the text encoder is trained at all: fully, or through its adapters."""
         return self.train_text_encoder and (self.lora_text_encoder or not self.use_lora)
-
-
-@dataclass
-class RunConfig:
-    """`raybooth run`: every step in one go. With no model and no subject, it is the demo."""
-
-    work_dir: Path | None = option(None, "Folder for every step's output (default: ./raybooth-demo with "
-                                         "the tiny model, ./raybooth-run otherwise).")
-    model_name: str | None = option(None, "Hugging Face repository to cache and fine-tune.")
-    revision: str = option("main", "Revision of --model_name.")
-    model_dir: Path | None = option(None, "Use this local pipeline instead of caching one "
-                                          "(default: the built-in tiny model, for the demo).")
-    instance_images_dir: Path | None = option(None, "Photos of the subject (default: the built-in toy car).")
-    unique_token: str = option("unqtkn", "Rare token that names the subject.")
-    class_noun: str | None = option(None, 'Class of the subject, e.g. "dog" (required with '
-                                          '--instance_images_dir; the built-in subject is a "toy car").')
-    sample_prompts: list[str] | None = option(None, "Prompts to sample the tuned model with "
-                                                    "(default: a few scenes of the subject).", nargs="+")
-    num_samples_per_prompt: int = option(4, "Samples per prompt from the tuned model.")
-    overwrite: bool = option(False, "Replace the tuned model of an earlier run in WORK_DIR/model-tuned.")
-
-    @property
-    def uses_tiny_model(self) -> bool:
-        return self.model_name is None and self.model_dir is None
-
-
-# `raybooth run` takes these TrainConfig flags as they are; the rest it derives from --work_dir,
-# --unique_token and --class_noun.
-RUN_DERIVED_TRAIN_FIELDS = ("model_dir", "output_dir", "instance_images_dir", "instance_prompt",
-                            "class_images_dir", "class_prompt", "class_noun", "overwrite", "sample_prompts",
-                            "num_samples_per_prompt", "samples_dir")
-
-
-def given(**values: Any) -> dict[str, Any]:
-    """The values that are set (optional flags left at None drop out)."""
-    return {name: value for name, value in values.items() if value is not None}
-
-
-def finite(**values: float) -> None:
-    """inf and nan parse as floats, and would train a model of NaN weights to the end."""
-    for name, value in values.items():
-        if not math.isfinite(value):
-            raise RayboothError(f"--{name} must be a finite number, got {value}")
-
-
-def check_prompts_given(flag: str, prompts: list[str]) -> None:
-    for number, prompt in enumerate(prompts, start=1):
-        if not prompt.strip():
-            raise RayboothError(f"{flag}: prompt {number} of {len(prompts)} is empty")
-
-
-def positive(**values: int) -> None:
-    for name, value in values.items():
-        if value < 1:
-            raise RayboothError(f"--{name} must be at least 1, got {value}")
-

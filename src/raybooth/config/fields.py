@@ -1,0 +1,47 @@
+"""The pieces every command's settings are made of: `option`, a dataclass field that carries
+its command-line help, and the checks the settings share."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import field
+from typing import Any
+
+from raybooth.errors import RayboothError
+
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+FULL_DEFAULT_LR, LORA_DEFAULT_LR = 5e-6, 1e-4
+LORA_DEFAULT_RANK = 4  # diffusers' train_dreambooth_lora.py default
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **cli: Any) -> Any:
+    """A dataclass field that carries its command-line help (and argparse extras) along."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **cli})
+    return field(default=default, metadata={"help": help, **cli})
+
+
+def given(**values: Any) -> dict[str, Any]:
+    """The values that are set (optional flags left at None drop out)."""
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def finite(**values: float) -> None:
+    """inf and nan parse as floats, and would train a model of NaN weights to the end."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise RayboothError(f"--{name} must be a finite number, got {value}")
+
+
+def check_prompts_given(flag: str, prompts: list[str]) -> None:
+    for number, prompt in enumerate(prompts, start=1):
+        if not prompt.strip():
+            raise RayboothError(f"{flag}: prompt {number} of {len(prompts)} is empty")
+
+
+def positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise RayboothError(f"--{name} must be at least 1, got {value}")
