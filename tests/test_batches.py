@@ -74,3 +74,30 @@ def test_class_latents_are_cached_when_class_images_are_at_the_resolution(vae):
 def test_class_images_of_another_size_are_cropped_each_step_instead(vae):
     images = training_set([solid(0)], [solid(9, 64, 100)])
     assert not images.cache_class_latents(vae) and images.class_latents is None
+
+
+def options_set(**options) -> TrainingSet:
+    gradient = np.repeat(np.arange(160, dtype=np.uint8)[None, :, None], 64, axis=0).repeat(3, axis=2)
+    return TrainingSet([gradient], [solid(9)], 64, [(0, 0)], 1, np.array([1]), np.array([2]), CPU, 0, **options)
+
+
+def test_center_crop_takes_the_middle_of_each_photo_every_step():
+    lefts = {batch.pixels[0, 0, 0, 0].item() for _, _, batch in options_set(center_crop=True).batches(10, 100)}
+    assert len(lefts) == 1  # the same crop every step: the 48th column of a left-to-right ramp
+    assert lefts.pop() == pytest.approx((160 - 64) // 2 / 127.5 - 1)
+
+
+def test_random_flip_mirrors_about_half_of_the_crops():
+    rows = [batch.pixels[0, 0, 0] for _, _, batch in options_set(center_crop=True, random_flip=True).batches(40, 100)]
+    flipped = sum(bool(row[0] > row[-1]) for row in rows)  # the ramp runs right to left
+    assert 8 < flipped < 32
+    assert all(torch.equal(row, rows[0]) or torch.equal(row, rows[0].flip(0)) for row in rows)
+
+
+def test_with_accumulation_a_step_is_its_micro_batches():
+    images = training_set([solid(0)] * 3, [solid(255)] * 6, batch_size=2)
+    images.accumulation = 2  # 6 pairs: 2 steps of 2 micro-batches of 2, the last topped up
+    steps = list(images.batches(num_epochs=1, max_steps=100))
+    assert [step for step, _, _ in steps] == [1, 2]
+    for _, _, micro_batches in steps:
+        assert [batch.pixels.shape for batch in micro_batches] == [(4, 3, 64, 64)] * 2

@@ -84,7 +84,10 @@ def test_a_checkpoint_restores_weights_optimizer_and_random_state(tiny_model_dir
 
 def start(args, tmp_path, name):
     log = open(tmp_path / f"{name}.log", "w+")
-    return subprocess.Popen([sys.executable, "-m", "raybooth", *args], stderr=log, text=True), log
+    # A shell without job control starts background jobs with SIGINT ignored, and children
+    # inherit that: give the command Python's Ctrl-C, as a terminal would.
+    return subprocess.Popen([sys.executable, "-m", "raybooth", *args], stderr=log, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)), log
 
 
 def wait_for(log, text: str, timeout: float = 240) -> None:

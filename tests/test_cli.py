@@ -57,7 +57,7 @@ def test_run_passes_on_only_the_training_flags_given():
     args = build_parser().parse_args(["run", "--lr", "1e-4", "--no_train_text_encoder", "--class_noun", "dog"])
     run, training = run_settings(args)
     assert training == {"lr": 1e-4, "train_text_encoder": False}
-    assert run.class_noun == "dog" and run.uses_tiny_model and run.work_dir is None
+    assert run.class_noun == "dog" and run.uses_world_model and run.work_dir is None
 
 
 def test_the_console_script_is_installed_and_errors_are_one_line(tmp_path):
@@ -89,7 +89,7 @@ def readme_flags() -> dict[str, set[str]]:
         if heading:
             command = flags.setdefault(heading.group(1), set())
         elif command is not None and line.startswith("|"):
-            command.update(re.findall(r"`--([a-z_]+)`", line.split("|")[1]))
+            command.update(re.findall(r"`--([a-z0-9_]+)`", line.split("|")[1]))
     return flags
 
 
@@ -97,7 +97,7 @@ def test_the_readme_documents_every_flag_of_every_command():
     documented = readme_flags()
     documented["run"] |= documented["train"] - set(RUN_DERIVED_TRAIN_FIELDS)
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    for name in ("cache-model", "tiny-model", "generate", "train", "run", "merge-lora"):
+    for name in ("cache-model", "tiny-model", "generate", "train", "run", "merge-lora", "evaluate"):
         flags = {action.option_strings[0][2:] for action in commands.choices[name]._actions
                  if action.option_strings and action.help != argparse.SUPPRESS and action.dest != "help"}
         assert flags == documented[name], f"raybooth {name}: README and parser differ"

@@ -19,6 +19,7 @@ from safetensors import safe_open
 import raybooth.generate
 from raybooth.cli import build_parser, config_from_args, main, run_settings
 from raybooth.config import TrainConfig
+from raybooth.config.watch import LOGS_DIR, METRICS_FILE, REPORT_FILE
 from raybooth.errors import RayboothError
 from raybooth.generate import ImageGenerator, image_name, image_seed
 from raybooth.lora import LORA_WEIGHTS, add_to_models
@@ -75,7 +76,9 @@ def render(model_dir: Path, **lora) -> np.ndarray:
 
 def test_run_use_lora_writes_only_the_adapter_and_leaves_the_base_alone(lora_run):
     assert lora_run.code == 0, lora_run.log
-    assert sorted(p.name for p in lora_run.adapter.iterdir()) == sorted([LORA_WEIGHTS, LORA_SETTINGS, TRAINING_LOG])
+    # The adapter, its settings and the run's record (log, report, metrics, TensorBoard logs): no pipeline.
+    assert sorted(p.name for p in lora_run.adapter.iterdir()) == sorted(
+        [LORA_WEIGHTS, LORA_SETTINGS, TRAINING_LOG, REPORT_FILE, METRICS_FILE, LOGS_DIR])
     assert digests(lora_run.base) == lora_run.before
     assert not list(lora_run.adapter.parent.glob(".model-tuned*"))  # no partial folder left behind
     settings = json.loads((lora_run.adapter / LORA_SETTINGS).read_text())

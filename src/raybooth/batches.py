@@ -34,10 +34,14 @@ def pairing(instances: int, classes: int, pairs: int, rank: int, world_size: int
 class TrainingSet:
     def __init__(self, instance_images: list[np.ndarray], class_images: list[np.ndarray], resolution: int,
                  pairs: list[tuple[int, int]], batch_size: int, instance_prompt_ids: np.ndarray,
-                 class_prompt_ids: np.ndarray, device: torch.device, seed: int):
+                 class_prompt_ids: np.ndarray, device: torch.device, seed: int, *, accumulation: int = 1,
+                 center_crop: bool = False, random_flip: bool = False):
         if not class_images:
             raise ValueError("a worker has no class images")
         self.resolution, self.pairs, self.batch_size, self.device = resolution, pairs, batch_size, device
+        # A step takes `accumulation` micro-batches of `batch_size` pairs (gradient accumulation).
+        self.accumulation, self.center_crop, self.random_flip = accumulation, center_crop, random_flip
+        self.prompt_embeds: torch.Tensor | None = None  # set when the prompts are encoded once
         self.instance_images = [to_device_image(image, device) for image in instance_images]
         self.class_images = [to_device_image(image, device) for image in class_images]
         self.class_latents: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -46,8 +50,12 @@ class TrainingSet:
         self.rng = np.random.default_rng(seed)  # crops and order: host-side, so no step waits on the GPU
 
     @property
+    def pairs_per_step(self) -> int:
+        return self.batch_size * self.accumulation
+
+    @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.pairs) / self.batch_size)
+        return math.ceil(len(self.pairs) / self.pairs_per_step)
 
     def cache_class_latents(self, vae: torch.nn.Module, chunk: int = 16) -> bool:
         """Encode the class images once, when every one is exactly at the training resolution
@@ -70,27 +78,40 @@ class TrainingSet:
     def epoch_order(self) -> list[tuple[int, int]]:
         """This epoch's pairs in a fresh random order, topped up with random pairs to whole batches."""
         order = [self.pairs[i] for i in self.rng.permutation(len(self.pairs))]
-        shortfall = self.steps_per_epoch * self.batch_size - len(order)
+        shortfall = self.steps_per_epoch * self.pairs_per_step - len(order)
         return order + [self.pairs[i] for i in self.rng.integers(0, len(self.pairs), shortfall)]
 
-    def crop(self, image: torch.Tensor) -> torch.Tensor:
+    def crop(self, image: torch.Tensor, center: bool = False) -> torch.Tensor:
         height, width = image.shape[1:]
-        top = int(self.rng.integers(0, height - self.resolution + 1))
-        left = int(self.rng.integers(0, width - self.resolution + 1))
+        if center:
+            top, left = (height - self.resolution) // 2, (width - self.resolution) // 2
+        else:
+            top = int(self.rng.integers(0, height - self.resolution + 1))
+            left = int(self.rng.integers(0, width - self.resolution + 1))
         return image[:, top:top + self.resolution, left:left + self.resolution]
 
+    def instance_crop(self, image: torch.Tensor) -> torch.Tensor:
+        crop = self.crop(image, self.center_crop)
+        return crop.flip(-1) if self.random_flip and self.rng.random() < 0.5 else crop
+
     def batch(self, pairs: list[tuple[int, int]]) -> Batch:
-        instance = [self.crop(self.instance_images[i]) for i, _ in pairs]
+        instance = [self.instance_crop(self.instance_images[i]) for i, _ in pairs]
         classes = [c for _, c in pairs]
         if self.class_latents is not None:
             # Indexing with host ints, not a tensor: copying an index tensor in would wait on the GPU.
             mean, std = (torch.stack([latents[c] for c in classes]) for latents in self.class_latents)
-            return Batch(normalize(torch.stack(instance)), self.prompt_ids, mean, std)
-        crops = [self.crop(self.class_images[c]) for c in classes]
-        return Batch(normalize(torch.stack(instance + crops)), self.prompt_ids)
+            return Batch(normalize(torch.stack(instance)), self.prompt_ids, mean, std, self.prompt_embeds)
+        crops = [self.crop(self.class_images[c], self.center_crop) for c in classes]
+        return Batch(normalize(torch.stack(instance + crops)), self.prompt_ids, prompt_embeds=self.prompt_embeds)
+
+    def step_batch(self, pairs: list[tuple[int, int]]) -> Batch | list[Batch]:
+        """One step's examples: a batch, or with accumulation its micro-batches."""
+        if self.accumulation == 1:
+            return self.batch(pairs)
+        return [self.batch(pairs[start:start + self.batch_size]) for start in range(0, len(pairs), self.batch_size)]
 
     def batches(self, num_epochs: int, max_steps: int, step: int = 0,
-                resume: dict | None = None) -> Iterator[tuple[int, int, Batch]]:
+                resume: dict | None = None) -> Iterator[tuple[int, int, Batch | list[Batch]]]:
         """(step, epoch, batch) until `num_epochs` pass or `max_steps` are taken. Steps count from 1;
         after a checkpoint, `step` and `resume` (a `position()` taken then) continue where it was."""
         first_epoch, order, index = 0, None, 0
@@ -100,8 +121,8 @@ class TrainingSet:
         for epoch in range(first_epoch, num_epochs):
             order = order or self.epoch_order()
             while index < len(order) and step < max_steps:
-                step, start, index = step + 1, index, index + self.batch_size
-                batch = self.batch(order[start:index])
+                step, start, index = step + 1, index, index + self.pairs_per_step
+                batch = self.step_batch(order[start:index])
                 self._position = {"rng": self.rng.bit_generator.state, "epoch": epoch, "order": order, "next": index}
                 yield step, epoch, batch
             if step >= max_steps:

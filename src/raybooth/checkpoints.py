@@ -32,7 +32,13 @@ def fingerprint(cfg, resolution: int) -> dict:
             "seed": cfg.seed, "train_text_encoder": cfg.train_text_encoder,
             "use_lora": cfg.use_lora, "lora_rank": cfg.lora_rank if cfg.use_lora else None,
             "lora_alpha": cfg.adapter_alpha() if cfg.use_lora else None,
-            "lora_text_encoder": cfg.lora_text_encoder if cfg.use_lora else None}
+            "lora_text_encoder": cfg.lora_text_encoder if cfg.use_lora else None,
+            # A step's meaning, the data stream, the optimizer's and schedule's state, the prompts' ids:
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "use_8bit_adam": cfg.use_8bit_adam,
+            "use_ema": cfg.use_ema, "lr_scheduler": cfg.lr_scheduler, "lr_warmup_steps": cfg.lr_warmup_steps,
+            "lr_num_cycles": cfg.lr_num_cycles, "lr_power": cfg.lr_power, "scale_lr": cfg.scale_lr,
+            "train_text_encoder_steps": cfg.train_text_encoder_steps, "center_crop": cfg.center_crop,
+            "random_flip": cfg.random_flip, "tokenizer_max_length": cfg.tokenizer_max_length}
 
 
 def run_name(output_dir: Path) -> str:
@@ -47,10 +53,11 @@ def trained_tensors(models) -> dict[str, torch.Tensor]:
 
     return {f"{prefix}.{name}": parameter.detach()
             for prefix, module in (("unet", models.unet), ("text_encoder", models.text_encoder))
+            if module is not None  # a text encoder freed by --pre_compute_text_embeddings
             for name, parameter in unwrap(module).named_parameters() if parameter.requires_grad}
 
 
-def write_checkpoint(folder: Path, rank: int, models, optimizer: torch.optim.Optimizer, step: int, history: list,
+def write_checkpoint(folder: Path, rank: int, models, optimizer, step: int, history: list,
                      data_position: dict, settings: dict) -> None:
     from safetensors.torch import save_file
 
@@ -72,8 +79,10 @@ def read_state(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def restore(folder: Path, rank: int, models, optimizer: torch.optim.Optimizer) -> tuple[int, list, dict]:
-    """Load a checkpoint into the models and optimizer; returns (step, history, data position)."""
+def restore(folder: Path, rank: int, models, optimizer) -> tuple[int, list, dict]:
+    """Load a checkpoint into the models and `optimizer` (a torch optimizer, or optim.Optimization
+    with its schedule and EMA: anything with state_dict/load_state_dict); returns (step, history,
+    data position)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)

@@ -14,7 +14,10 @@ from typing import Any, Sequence
 from raybooth import __version__
 from raybooth.config import (RUN_DERIVED_TRAIN_FIELDS, CacheConfig, GenerateConfig, MergeLoraConfig, RunConfig,
                              TinyModelConfig, TrainConfig)
+from raybooth.config.evaluate import EvaluateConfig
+from raybooth.config.yaml_file import CONFIG_FILE_HELP, apply_config_file
 from raybooth.errors import RayboothError
+from raybooth.watch.raylog import restore_ray_output
 
 
 def flag_names(name: str) -> list[str]:
@@ -26,7 +29,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type, skip: Se
     """One flag per field of the dataclass `config`. With `only_given`, flags left out stay out
     of the parsed namespace, so a caller can tell a default from a choice."""
     hints = typing.get_type_hints(config)
-    for field in dataclasses.fields(config):
+    # A config's own fields first, then those of its keyword-only option groups (base classes).
+    for field in sorted(dataclasses.fields(config), key=lambda f: f.kw_only):
         if field.name in skip:
             continue
         meta = dict(field.metadata)
@@ -117,6 +121,14 @@ def run_command(args: argparse.Namespace) -> None:
     print(run(*run_settings(args)))
 
 
+def evaluate_command(args: argparse.Namespace) -> None:
+    from raybooth.evaluate import evaluate, report
+
+    cfg = config_from_args(EvaluateConfig, args)
+    print(report(evaluate(cfg)))
+    print(Path(cfg.output_dir).absolute())
+
+
 COMMANDS = {
     "cache-model": (cache_model_command, CacheConfig,
                     "Download a pretrained pipeline into a Hugging Face cache folder; print its snapshot path."),
@@ -131,6 +143,9 @@ COMMANDS = {
             "Without arguments: the demo, on CPU, in a few minutes."),
     "merge-lora": (merge_lora_command, MergeLoraConfig,
                    "Fuse a LoRA adapter (from `train --use_lora`) into its base model; write a full pipeline."),
+    "evaluate": (evaluate_command, EvaluateConfig,
+                 "Sample a fine-tuned model and measure subject fidelity, prompt fidelity and prior preservation "
+                 "(the small world's classifier, or the paper's DINO, CLIP-I and CLIP-T)."),
 }
 
 
@@ -146,11 +161,34 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             group = command.add_argument_group("training (as for `raybooth train`)")
             add_config_arguments(group, TrainConfig, skip=RUN_DERIVED_TRAIN_FIELDS, only_given=True)
+        if name in CONFIG_FILE_COMMANDS:
+            command.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_FILE_HELP)
     return parser
 
 
+CONFIG_FILE_COMMANDS = ("train", "run")
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, over the options of its --config file where `train` or `run` has one."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    config_file = argparse.ArgumentParser(add_help=False)
+    config_file.add_argument("--config", type=Path)
+    path = config_file.parse_known_args(argv)[0].config
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    name = next((arg for arg in argv if arg in commands), None)
+    if path is not None and name in CONFIG_FILE_COMMANDS:
+        apply_config_file(commands[name], path, name)
+    return parser.parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_arguments(argv)
+    except RayboothError as error:  # a --config file that does not fit
+        print(f"raybooth: error: {error}", file=sys.stderr)
+        return 1
     try:
         COMMANDS[args.command][0](args)
     except RayboothError as error:
@@ -159,4 +197,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("raybooth: interrupted", file=sys.stderr)
         return 130
+    finally:
+        restore_ray_output()  # in a process that goes on (tests), the next command routes its own
     return 0

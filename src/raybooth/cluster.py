@@ -9,14 +9,16 @@ import socket
 
 from raybooth.errors import RayboothError
 from raybooth.log import log
+from raybooth.watch.raylog import take_over_forwarded_output
 
 GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"  # read by Ray when it starts a head node
 _started_here = False  # whether this process started the Ray instance it uses (a fixed-size one)
 
 
-def connect(address: str | None = None) -> None:
+def connect(address: str | None = None, verbose: bool = False) -> None:
     """Attach to the cluster at `address` or RAY_ADDRESS; with neither, start Ray on this machine.
-    A Ray already initialized in this process is reused."""
+    A Ray already initialized in this process is reused. `verbose` (--verbose) lets Ray Data show
+    its progress bars and notices."""
     global _started_here
     import ray
     import ray.data
@@ -38,10 +40,11 @@ def connect(address: str | None = None) -> None:
         where = f"attached to the Ray cluster at {target}" if target else "started Ray on this machine"
         log(f"{where}: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
         start_autoscaling_coordinator()
+    take_over_forwarded_output()  # Ray's lines to a command's log file, ours to the terminal
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # our own progress lines say what is happening
-    context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # e.g. a warning that bars are off
+    context.enable_progress_bars = verbose  # else our own progress lines say what is happening
+    context.print_on_execution_start = verbose
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.ERROR)  # e.g. that bars are off
 
 
 def start_local_ray(**options) -> None:

@@ -12,10 +12,11 @@ from PIL import Image, ImageOps
 from raybooth.images import open_image, to_rgb
 
 
-def tokenize(tokenizer, prompt: str) -> np.ndarray:
-    """Prompt ids padded to the text encoder's full context, as SD was trained."""
-    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="np").input_ids[0].astype(np.int64)
+def tokenize(tokenizer, prompt: str, max_length: int | None = None) -> np.ndarray:
+    """Prompt ids padded to the text encoder's full context, as SD was trained (or to `max_length`:
+    diffusers' --tokenizer_max_length)."""
+    return tokenizer(prompt, padding="max_length", max_length=max_length or tokenizer.model_max_length,
+                     truncation=True, return_tensors="np").input_ids[0].astype(np.int64)
 
 
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:

@@ -10,7 +10,6 @@ import io
 import math
 import os
 import re
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +23,10 @@ from raybooth.log import log, quiet_model_libraries
 from raybooth.lora import check_lora_dir, fuse_adapters, load_adapters
 from raybooth.models import resolve_model_dir, resolve_resolution
 from raybooth.prompts import check_prompt_lengths
+from raybooth.watch.progress import ImageProgress, terminal_shows_bars
+from raybooth.watch.raylog import send_ray_output
+
+GENERATE_RAY_LOG = ".raybooth-ray.log"  # in the output folder, hidden among the images
 
 
 _GENERATED_NAME = re.compile(r"-([0-9a-f]{8})-\d{4,}\.png$")
@@ -147,7 +150,8 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     if not todo:
         return wanted
     output_dir.mkdir(parents=True, exist_ok=True)
-    connect(cfg.address)
+    send_ray_output(output_dir / GENERATE_RAY_LOG, cfg.verbose)
+    connect(cfg.address, cfg.verbose)
     use_gpu = decide_use_gpu(cfg.use_gpu)
     actors = cfg.num_workers or (int(cluster_resource("GPU")) if use_gpu else 1)
     batch_size = cfg.batch_size or default_batch_size(use_gpu)
@@ -165,14 +169,12 @@ def generate(cfg: GenerateConfig) -> list[Path]:
                                    safety_checker=cfg.safety_checker,
                                    lora_weights=lora_weights, lora_scale=cfg.lora_scale)
     ).map_batches(encode_pngs, batch_size=None)
-    started, done = time.monotonic(), 0
-    every = math.ceil(len(todo) / 10)
+    progress = ImageProgress(len(todo), "images", log, terminal_shows_bars(), every=math.ceil(len(todo) / 10),
+                             where=f"in {output_dir}")
     for row in images.iter_rows():
         write_atomically(output_dir / row["file"], row["png"])
-        done += 1
-        if done % every == 0 or done == len(todo):
-            rate = done / (time.monotonic() - started)
-            log(f"generated {done}/{len(todo)} images ({rate:.2f} images/s)")
+        progress.update(1)
+    progress.close()
     return wanted
 
 
@@ -197,9 +199,11 @@ def pipeline_from_models(models, model_dir: Path, safety_checker: bool = False):
         return fuse_adapters(copy.deepcopy(module)).to(device, dtype).eval().requires_grad_(False)
 
     without_checker = {} if safety_checker else dict(safety_checker=None, requires_safety_checker=False)
+    # A text encoder freed by --pre_compute_text_embeddings is loaded again from model_dir.
+    text_encoder = {} if models.text_encoder is None else {"text_encoder": for_inference(models.text_encoder)}
     pipeline = StableDiffusionPipeline.from_pretrained(
-        model_dir, unet=for_inference(models.unet), text_encoder=for_inference(models.text_encoder),
-        vae=for_inference(models.vae), **without_checker).to(device, dtype)
+        model_dir, unet=for_inference(models.unet), vae=for_inference(models.vae), **text_encoder,
+        **without_checker).to(device, dtype)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -210,7 +214,7 @@ def write_pngs(folder: str, files: list[str], images: list[np.ndarray]) -> None:
 
 
 def render_on_worker(pipeline, rows: list[dict], folder: Path, batch_size: int, settings: dict, what: str,
-                     say: Callable[[str], None]) -> list[np.ndarray]:
+                     say: Callable[[str], None], bar: bool = False) -> list[np.ndarray]:
     """Images for `rows` (prompt, seed, file) from a worker's pipeline, written to `folder` whole
     or not at all. PNG encoding runs in Ray tasks: in threads here it held up the GPU's work."""
     import ray
@@ -219,22 +223,24 @@ def render_on_worker(pipeline, rows: list[dict], folder: Path, batch_size: int, 
     device = pipeline.device.type
     images: list[np.ndarray] = []
     written = []
-    started = time.monotonic()
+    progress = ImageProgress(len(rows), what, say, bar)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         made = render(pipeline, chunk, device, settings)
         written.append(writer.remote(str(folder), [row["file"] for row in chunk], made))
         images += made
-        say(f"made {len(images)}/{len(rows)} {what} on this worker "
-            f"({len(images) / (time.monotonic() - started):.2f} images/s)")
+        progress.update(len(made))
     ray.get(written)
+    progress.close()
     return images
 
 
 def make_images_on_worker(models, model_dir: Path, rows: list[dict], folder: Path, cfg, resolution: int, what: str,
-                          say: Callable[[str], None], safety_checker: bool = False) -> list[np.ndarray]:
+                          say: Callable[[str], None], safety_checker: bool = False,
+                          bar: bool = False) -> list[np.ndarray]:
     """A training worker's share of images (class images before training, samples after), made
-    with the modules it holds rather than a second copy of the model in another process."""
+    with the modules it holds rather than a second copy of the model in another process; with
+    `bar`, a progress bar in the driver's terminal."""
     if not rows:
         return []
     import torch
@@ -242,7 +248,7 @@ def make_images_on_worker(models, model_dir: Path, rows: list[dict], folder: Pat
     pipeline = pipeline_from_models(models, model_dir, safety_checker)
     batch_size = cfg.sample_batch_size or default_batch_size(models.device.type == "cuda")
     settings = pipeline_settings(cfg.num_inference_steps, cfg.guidance_scale, resolution)
-    images = render_on_worker(pipeline, rows, folder, batch_size, settings, what, say)
+    images = render_on_worker(pipeline, rows, folder, batch_size, settings, what, say, bar)
     del pipeline
     if models.device.type == "cuda":
         torch.cuda.empty_cache()

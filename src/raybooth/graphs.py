@@ -21,6 +21,8 @@ Outputs = TypeVar("Outputs")
 def _tensors_of(value) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return [value]
+    if isinstance(value, list):  # micro-batches of a step with gradient accumulation
+        return [t for item in value for t in _tensors_of(item)]
     if dataclasses.is_dataclass(value):
         return [t for f in dataclasses.fields(value) for t in _tensors_of(getattr(value, f.name))]
     return []
@@ -29,6 +31,8 @@ def _tensors_of(value) -> list[torch.Tensor]:
 def _map_tensors(value, fn):
     if isinstance(value, torch.Tensor):
         return fn(value)
+    if isinstance(value, list):
+        return [_map_tensors(item, fn) for item in value]
     if dataclasses.is_dataclass(value):
         return dataclasses.replace(value, **{f.name: _map_tensors(getattr(value, f.name), fn)
                                              for f in dataclasses.fields(value)})

@@ -4,6 +4,7 @@ import sys
 import time
 
 _clock_start = time.time()
+PREFIX = "[raybooth "  # starts each of our lines: how they are told from Ray's in forwarded output
 
 
 def set_clock(start: float) -> None:
@@ -15,7 +16,7 @@ def set_clock(start: float) -> None:
 def log(message: str) -> None:
     """One line, stamped with the seconds since the command started: where a run's time goes."""
     # Not print(): Ray Train patches print() on its workers and would show each line twice.
-    sys.stderr.write(f"[raybooth {time.time() - _clock_start:6.1f}s] {message}\n")
+    sys.stderr.write(f"{PREFIX}{time.time() - _clock_start:6.1f}s] {message}\n")
     sys.stderr.flush()
 
 

@@ -13,11 +13,14 @@ import torch.distributed as dist
 from raybooth.errors import RayboothError
 from raybooth.log import log
 from raybooth.training import Loss
+from raybooth.watch.tensorboard import Board
 
 
 class LossLog:
-    def __init__(self, total_steps: int, world_size: int, images_per_step: int, verbose: bool):
+    def __init__(self, total_steps: int, world_size: int, images_per_step: int, verbose: bool,
+                 optimizer: torch.optim.Optimizer | None = None, board: Board | None = None):
         self.total_steps, self.world_size, self.verbose = total_steps, world_size, verbose
+        self.optimizer, self.board = optimizer, board or Board(None)
         self.images_per_step = images_per_step  # over all workers
         self.pending: list[tuple[int, int, torch.Tensor]] = []
         self.history: list[dict] = []
@@ -26,6 +29,14 @@ class LossLog:
 
     def add(self, step: int, epoch: int, loss: Loss) -> None:
         self.pending.append((step, epoch, torch.stack([loss.total, loss.instance, loss.prior])))
+
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` spent on something else (a validation grid) out of the throughput."""
+        self.last_report += seconds
+
+    def learning_rate(self) -> float | None:
+        """The optimizer's current rate (a scheduler may change it; it may be a 0-dim tensor)."""
+        return None if self.optimizer is None else float(self.optimizer.param_groups[0]["lr"])
 
     def flush(self) -> dict:
         """Average the pending losses over workers into the history; return the window's means."""
@@ -43,17 +54,22 @@ class LossLog:
             window = self.window = self.history[-len(self.pending):]
             steps_per_s = len(window) / (time.monotonic() - self.last_report)
             self.pending, self.last_report = [], time.monotonic()
+            lr, images_per_s = self.learning_rate(), steps_per_s * self.images_per_step
+            self.board.steps(window)
+            self.board.report(window[-1]["step"], lr, images_per_s, steps_per_s)
             if self.verbose:
                 left = (self.total_steps - window[-1]["step"]) / steps_per_s
+                rate = "" if lr is None else f" lr {lr:.3g}"
                 log(f"step {window[-1]['step']}/{self.total_steps} epoch {window[-1]['epoch']} "
                     f"loss {_mean(window, 'loss'):.4f} (instance {_mean(window, 'instance_loss'):.4f}, "
-                    f"prior {_mean(window, 'prior_loss'):.4f}) {steps_per_s:.2f} steps/s "
-                    f"{steps_per_s * self.images_per_step:.1f} images/s, {left:.0f} s left")
+                    f"prior {_mean(window, 'prior_loss'):.4f}){rate} {steps_per_s:.2f} steps/s "
+                    f"{images_per_s:.1f} images/s, {left:.0f} s left")
         window = self.window
         if not window:
             return {"step": 0}
         return {"step": window[-1]["step"], "epoch": window[-1]["epoch"], "loss": _mean(window, "loss"),
-                "instance_loss": _mean(window, "instance_loss"), "prior_loss": _mean(window, "prior_loss")}
+                "instance_loss": _mean(window, "instance_loss"), "prior_loss": _mean(window, "prior_loss"),
+                **({} if self.optimizer is None else {"lr": self.learning_rate()})}
 
 
 def _mean(rows: list[dict], key: str) -> float:

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from raybooth.config.watch import OUTPUT_EXTRAS
 from raybooth.errors import RayboothError
 
 # What training and generation need; a pipeline may carry more (safety checker, feature extractor).
@@ -169,9 +170,10 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
         what = "a LoRA adapter" if lora else "a model"
         raise RayboothError(f"{path} already holds {what}; pass --overwrite to replace it")
     if lora:
-        model_parts = {LORA_WEIGHTS, LORA_SETTINGS, TRAINING_LOG}
+        model_parts = {LORA_WEIGHTS, LORA_SETTINGS, TRAINING_LOG, *OUTPUT_EXTRAS}
     else:
-        model_parts = {"model_index.json", TRAINING_LOG, *read_json(path / "model_index.json", "model index")}
+        model_parts = {"model_index.json", TRAINING_LOG, *OUTPUT_EXTRAS, *read_json(path / "model_index.json",
+                                                                                     "model index")}
     strangers = sorted(entry.name for entry in path.iterdir() if entry.name not in model_parts)
     if strangers:
         raise RayboothError(f"{path} holds a model and other files ({', '.join(strangers[:5])}), which "

@@ -63,13 +63,18 @@ def sample_prompts(token: str, class_noun: str) -> list[str]:
             f"a {token} {class_noun} in the snow"]
 
 
-def check_prompt_lengths(model_dir: Path, prompts: dict[str, str], must_keep: dict[str, list[str]]) -> None:
-    """Warn about each prompt (by flag) that the text encoder's context cuts short, and refuse one
-    whose cut drops words it must keep (the identifier, the class noun): training on it would
-    teach nothing about the subject. Loads the tokenizer only for a prompt long enough to be cut:
-    every token covers at least one character that is not a space."""
+def check_prompt_lengths(model_dir: Path, prompts: dict[str, str], must_keep: dict[str, list[str]],
+                         max_length: int | None = None) -> None:
+    """Warn about each prompt (by flag) that the text encoder's context (or `max_length`, from
+    --tokenizer_max_length) cuts short, and refuse one whose cut drops words it must keep (the
+    identifier, the class noun): training on it would teach nothing about the subject. Loads the
+    tokenizer only for a prompt long enough to be cut: every token covers at least one character
+    that is not a space."""
     context = int(read_json(model_dir / "tokenizer" / "tokenizer_config.json", "tokenizer config")
                   .get("model_max_length", 77))
+    if max_length is not None and max_length > context:
+        raise RayboothError(f"--tokenizer_max_length {max_length} is more than the text encoder's {context} tokens")
+    context = max_length or context
     long = {flag: prompt for flag, prompt in prompts.items() if len(re.sub(r"\s", "", prompt)) > context - 2}
     if not long:
         return

@@ -65,6 +65,9 @@ def build_tiny_pipeline(seed: int = 0):
 
 
 def write_tiny_model(output_dir: Path, seed: int = 0, overwrite: bool = False) -> Path:
+    from raybooth.log import quiet_model_libraries
+
+    quiet_model_libraries()  # no shard-writing bar or notices among the demo's lines
     pipeline = build_tiny_pipeline(seed)
     return write_model_dir(output_dir, lambda folder: pipeline.save_pretrained(folder), overwrite)
 

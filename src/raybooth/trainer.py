@@ -23,8 +23,13 @@ from raybooth.images import find_images, image_files
 from raybooth.log import log
 from raybooth.models import (TRAINING_LOG, check_output_dir, copy_base_components, copy_trained, finish_model_dir,
                              resolve_model_dir, resolve_resolution, start_model_dir)
+from raybooth.optim import check_8bit_adam
 from raybooth.prompts import check_prompt_lengths, check_prompts, words
 from raybooth.runs import RunFolder
+from raybooth.watch.folders import RunLogs
+from raybooth.watch.progress import terminal_shows_bars
+from raybooth.watch.raylog import send_ray_output
+from raybooth.watch.report import report_run
 from raybooth.worker import OUTPUT_TOKEN, TrainPlan, train_worker
 
 
@@ -38,7 +43,10 @@ def train(cfg: TrainConfig) -> Path:
     partial = start_output(cfg)
     class_dir_is_new = not class_dir(cfg).exists()
     try:
-        connect(cfg.address)
+        logs = RunLogs.for_run(cfg, started, run.local_path, run.name)
+        send_ray_output(logs.ray_log, cfg.verbose)
+        connect(cfg.address, cfg.verbose)
+        logs.announce(cfg)
         use_gpu, gpus_per_worker = worker_gpus(cfg)
         class_entries = plan_class_images(cfg)
         samples = plan_samples(cfg)
@@ -54,7 +62,7 @@ def train(cfg: TrainConfig) -> Path:
             pairs_per_worker=max(math.ceil(len(instance_paths) / cfg.num_workers), max(map(len, shares))),
             samples_dir=cfg.samples_dir and Path(cfg.samples_dir).expanduser().absolute(),
             sample_shares=share_out(samples, cfg.num_workers) if samples else [], settings=settings,
-            resume_from=resume_from)
+            resume_from=resume_from, logs_dir=logs.run, progress_bars=terminal_shows_bars())
         to_make = sum("file" in entry for entry in class_entries)
         log(f"fine-tuning {model_dir} on {len(instance_paths)} instance and {len(class_entries)} class images "
             f"({to_make} to generate first) at {resolution} px, {cfg.num_workers} worker(s) on "
@@ -66,6 +74,7 @@ def train(cfg: TrainConfig) -> Path:
             with result.checkpoint.as_directory() as trained:
                 copy_trained(Path(trained), partial)
         (partial / OUTPUT_TOKEN).unlink()
+        report_run(cfg, logs, partial, instance_paths, [plan.samples_dir / row["file"] for row in samples], started)
         output_dir = finish_model_dir(partial, cfg.output_dir)
         result.filesystem.delete_dir(result.path)  # Ray Train's run folder: nothing in it is needed now
     except BaseException as error:
@@ -103,6 +112,11 @@ def check_inputs(cfg: TrainConfig) -> tuple[Path, int, list[Path]]:
     check_prompt_lengths(model_dir, {"--instance_prompt": cfg.instance_prompt, "--class_prompt": cfg.class_prompt,
                                      **{f"--sample_prompts {i}": p for i, p in enumerate(cfg.sample_prompts or [], 1)}},
                          {"--instance_prompt": identifier + noun, "--class_prompt": noun})
+    if cfg.tokenizer_max_length is not None:  # the training prompts' own cut
+        check_prompt_lengths(model_dir, {"--instance_prompt": cfg.instance_prompt, "--class_prompt": cfg.class_prompt},
+                             {"--instance_prompt": identifier + noun, "--class_prompt": noun}, cfg.tokenizer_max_length)
+    if cfg.use_8bit_adam:
+        check_8bit_adam(on_gpu=cfg.use_gpu is not False)
     instance_paths = find_images(cfg.instance_images_dir, "instance images", resolution=resolution)
     find_images(cfg.class_images_dir, "class images", may_be_empty=True, resolution=resolution)  # missing: made later
     if cfg.num_class_images < cfg.num_workers:
@@ -114,6 +128,8 @@ def check_inputs(cfg: TrainConfig) -> tuple[Path, int, list[Path]]:
 def worker_gpus(cfg: TrainConfig) -> tuple[bool, int]:
     """(whether to train on GPUs, GPUs per worker), checked against the cluster."""
     use_gpu = decide_use_gpu(cfg.use_gpu)
+    if cfg.use_8bit_adam and not use_gpu:
+        check_8bit_adam(on_gpu=False)  # a cluster without GPUs
     if cfg.gpus_per_worker == 2 and not use_gpu:
         raise RayboothError("--gpus_per_worker 2 needs GPUs, and the Ray cluster has none")
     if use_gpu:

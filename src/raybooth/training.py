@@ -20,6 +20,8 @@ class DreamBoothModels:
     vae: torch.nn.Module
     noise_scheduler: object  # diffusers DDPMScheduler
     train_text_encoder: bool
+    # 1, or 0 after --train_text_encoder_steps: scales the text encoder's gradient (a tensor a CUDA graph reads).
+    text_encoder_gate: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -50,6 +52,10 @@ class DreamBoothModels:
     def encode_prompts(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             hidden_states = self.text_encoder(prompt_ids.to(self.text_encoder_device))[0]
+        if self.text_encoder_gate is not None and hidden_states.requires_grad:
+            # The same values; the gradient flowing back is scaled by the gate.
+            detached = hidden_states.detach()
+            hidden_states = detached + self.text_encoder_gate.to(detached.device) * (hidden_states - detached)
         return hidden_states.to(self.device)
 
 
@@ -64,13 +70,27 @@ class Loss:
     prior: torch.Tensor
 
 
-def prior_preservation_loss(prediction: torch.Tensor, target: torch.Tensor, prior_loss_weight: float) -> Loss:
-    """MSE on the instance half of the batch plus `prior_loss_weight` times MSE on the class half."""
-    prediction_instance, prediction_prior = prediction.float().chunk(2)
-    target_instance, target_prior = target.float().chunk(2)
-    instance = F.mse_loss(prediction_instance, target_instance)
-    prior = F.mse_loss(prediction_prior, target_prior)
+def prior_preservation_loss(prediction: torch.Tensor, target: torch.Tensor, prior_loss_weight: float,
+                            weights: torch.Tensor | None = None) -> Loss:
+    """MSE on the instance half of the batch plus `prior_loss_weight` times MSE on the class half;
+    with `weights`, each row's MSE is weighted first (Min-SNR)."""
+    per_row = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+    if weights is not None:
+        per_row = per_row * weights
+    instance, prior = (half.mean() for half in per_row.chunk(2))
     return Loss(total=instance + prior_loss_weight * prior, instance=instance, prior=prior)
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (arXiv 2303.09556) for a model that predicts the noise or the
+    velocity, as diffusers' training scripts compute them."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
 
 
 def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
@@ -95,6 +115,7 @@ class Batch:
     prompt_ids: torch.Tensor
     class_latent_mean: torch.Tensor | None = None
     class_latent_std: torch.Tensor | None = None
+    prompt_embeds: torch.Tensor | None = None  # the text encoder's output for prompt_ids, when computed once
 
 
 def latent_distribution(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,15 +135,25 @@ def sample_latents(models: DreamBoothModels, batch: Batch) -> torch.Tensor:
     return latents * models.vae.config.scaling_factor
 
 
-def dreambooth_loss(models: DreamBoothModels, batch: Batch, prior_loss_weight: float) -> Loss:
+def dreambooth_loss(models: DreamBoothModels, batch: Batch, prior_loss_weight: float, *, offset_noise: bool = False,
+                    snr_gamma: float | None = None) -> Loss:
+    """`offset_noise`: diffusers' 0.1 x per-image, per-channel offset; `snr_gamma`: Min-SNR weights."""
     latents = sample_latents(models, batch)
     noise = torch.randn_like(latents)
+    if offset_noise:
+        noise = noise + OFFSET_NOISE_SCALE * torch.randn(*latents.shape[:2], 1, 1, device=latents.device)
     timesteps = torch.randint(0, models.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                               device=latents.device)
     noisy_latents = models.noise_scheduler.add_noise(latents, noise, timesteps)
-    prediction = models.unet(noisy_latents, timesteps, models.encode_prompts(batch.prompt_ids)).sample
+    encoder_states = (batch.prompt_embeds.to(models.device) if batch.prompt_embeds is not None
+                      else models.encode_prompts(batch.prompt_ids))
+    prediction = models.unet(noisy_latents, timesteps, encoder_states).sample
     target = diffusion_target(models.noise_scheduler, latents, noise, timesteps)
-    return prior_preservation_loss(prediction, target, prior_loss_weight)
+    weights = None if snr_gamma is None else min_snr_weights(models.noise_scheduler, timesteps, snr_gamma)
+    return prior_preservation_loss(prediction, target, prior_loss_weight, weights)
+
+
+OFFSET_NOISE_SCALE = 0.1  # diffusers' train_dreambooth.py
 
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -180,19 +211,40 @@ class Precision:
         return grad_norm
 
 
-def make_optimizer(parameters: list[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
+def make_optimizer(parameters: list[torch.nn.Parameter] | list[dict], lr: float, *,
+                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                   eight_bit: bool = False) -> torch.optim.Optimizer:
+    """AdamW over `parameters` (tensors, or parameter groups as dicts); `eight_bit` is bitsandbytes'
+    AdamW8bit, whose moments are 8-bit (the weights stay fp32)."""
+    if eight_bit:
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(parameters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    tensors = [p for entry in parameters for p in (entry["params"] if isinstance(entry, dict) else [entry])]
     # The fused kernel is one launch for all parameters instead of several per tensor; capturable
     # keeps its step count on the GPU, so a CUDA graph can replay it (graphs.py).
-    on_gpu = all(p.device.type == "cuda" for p in parameters)
-    return torch.optim.AdamW(parameters, lr=lr, fused=on_gpu or None, capturable=on_gpu)
+    on_gpu = all(p.device.type == "cuda" for p in tensors)
+    return torch.optim.AdamW(parameters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                             fused=on_gpu or None, capturable=on_gpu)
 
 
-def train_step(models: DreamBoothModels, optimizer: torch.optim.Optimizer, precision: Precision, batch: Batch,
-               prior_loss_weight: float, max_grad_norm: float) -> Loss:
-    """One optimizer step on one batch of instance + class examples. Gradients are left for the
+def train_step(models: DreamBoothModels, optimizer: torch.optim.Optimizer, precision: Precision,
+               batch: Batch | list[Batch], prior_loss_weight: float, max_grad_norm: float, *,
+               offset_noise: bool = False, snr_gamma: float | None = None) -> Loss:
+    """One optimizer step on one batch of instance + class examples, or on micro-batches whose
+    gradients add up (each loss divided by their number: the step their union would take; DDP
+    all-reduces each one's, no no_sync, so it stays capturable). Gradients are left for the
     caller to clear (`optimizer.zero_grad`), so that a CUDA graph can capture the step whole."""
-    with precision.autocast():
-        loss = dreambooth_loss(models, batch, prior_loss_weight)
-    precision.backward(loss.total)
+    micro_batches = batch if isinstance(batch, list) else [batch]
+    losses = []
+    for micro_batch in micro_batches:
+        with precision.autocast():
+            loss = dreambooth_loss(models, micro_batch, prior_loss_weight, offset_noise=offset_noise,
+                                   snr_gamma=snr_gamma)
+        precision.backward(loss.total / len(micro_batches) if len(micro_batches) > 1 else loss.total)
+        losses.append(loss)
     precision.step(optimizer, models.trainable_parameters(), max_grad_norm)
-    return Loss(loss.total.detach(), loss.instance.detach(), loss.prior.detach())
+    if len(losses) == 1:
+        return Loss(loss.total.detach(), loss.instance.detach(), loss.prior.detach())
+    return Loss(*(torch.stack([getattr(one, part) for one in losses]).mean().detach()
+                  for part in ("total", "instance", "prior")))

@@ -35,7 +35,11 @@ from raybooth.graphs import GraphedStep
 from raybooth.log import log, quiet_model_libraries, set_clock
 from raybooth.losslog import LossLog
 from raybooth.models import TRAINING_LOG, load_for_training, load_tokenizer, save_trained_modules
-from raybooth.training import Precision, make_optimizer, train_step
+from raybooth.optim import (build_optimization, enable_gradient_checkpointing, learning_rates,
+                            precompute_prompt_embeddings)
+from raybooth.stepping import make_step, use_cuda_graph
+from raybooth.training import Precision
+from raybooth.watch.monitor import RunWatch
 
 OUTPUT_TOKEN = ".raybooth-output"  # in the output's partial folder: rank 0 writes there if it sees it
 
@@ -56,9 +60,12 @@ class TrainPlan:
     started_at: float = field(default_factory=time.time)
     settings: dict = field(default_factory=dict)  # what a checkpoint must match to be resumed (checkpoints.fingerprint)
     resume_from: str | None = None  # a checkpoint folder to start from when Ray Train has none of this run
+    logs_dir: Path | None = None  # this run's logs folder (TensorBoard, validation grids)
+    progress_bars: bool = False  # whether the driver's terminal shows progress bars
 
     def total_steps(self, cfg: TrainConfig) -> int:
-        return min(cfg.max_train_steps, cfg.num_epochs * math.ceil(self.pairs_per_worker / cfg.train_batch_size))
+        pairs_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps
+        return min(cfg.max_train_steps, cfg.num_epochs * math.ceil(self.pairs_per_worker / pairs_per_step))
 
 
 def train_worker(loop_config: dict) -> None:
@@ -69,6 +76,7 @@ def train_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     say = log if rank == 0 else (lambda message: None)
+    watch = RunWatch(cfg, plan, rank, say)
 
     # Setup. With two GPUs per worker the text encoder takes the second one.
     devices = ray.train.torch.get_devices()
@@ -90,44 +98,59 @@ def train_worker(loop_config: dict) -> None:
         say(f"model loaded on {device}")
         # No safety checker: the black images it returns for flagged samples would teach the prior.
         made = make_images_on_worker(models, model_dir, [entry for entry in share if "file" in entry],
-                                     Path(plan.class_images_dir), cfg, plan.resolution, "class images", say)
+                                     Path(plan.class_images_dir), cfg, plan.resolution, "class images", say,
+                                     bar=plan.progress_bars and rank == 0)
         tokenizer = load_tokenizer(model_dir)
         instance_images, class_images = reading.result()
     training_set = TrainingSet(
         instance_images, class_images + made, plan.resolution,
         pairing(len(instance_images), len(class_images) + len(made), plan.pairs_per_worker, rank, world_size),
-        cfg.train_batch_size, tokenize(tokenizer, cfg.instance_prompt), tokenize(tokenizer, cfg.class_prompt), device,
-        cfg.seed + rank)
+        cfg.train_batch_size, tokenize(tokenizer, cfg.instance_prompt, cfg.tokenizer_max_length),
+        tokenize(tokenizer, cfg.class_prompt, cfg.tokenizer_max_length), device, cfg.seed + rank,
+        accumulation=cfg.gradient_accumulation_steps, center_crop=cfg.center_crop, random_flip=cfg.random_flip)
     if training_set.cache_class_latents(models.vae):
         say("class images encoded once: they are at the training resolution")
     if cfg.use_lora:  # after the class images, which come from the base model
         lora.add_to_models(models, cfg)
-    graph = use_cuda_graph(cfg, precision, device, text_encoder_device)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(models)
+    if cfg.pre_compute_text_embeddings:
+        training_set.prompt_embeds = precompute_prompt_embeddings(models, training_set.prompt_ids, precision)
+        say("prompts encoded once; the text encoder is freed")
+    graph = use_cuda_graph(cfg, precision, device, text_encoder_device, say)
     graph_stream = torch.cuda.Stream(device) if graph else None
     if world_size > 1:
         models = models.data_parallel(graph_stream)
-    optimizer = make_optimizer(models.trainable_parameters(), cfg.learning_rate())
+    optimization = build_optimization(models, cfg, plan.total_steps(cfg), world_size, lr_as_tensor=graph)
+    optimizer = optimization.optimizer
     step = make_step(models, optimizer, precision, cfg, graph_stream, world_size)
-    losses = LossLog(plan.total_steps(cfg), world_size, 2 * cfg.train_batch_size * world_size, verbose=rank == 0)
-    first_step, position = resume(plan, rank, models, optimizer, losses, say)
+    images_per_step = 2 * cfg.train_batch_size * cfg.gradient_accumulation_steps * world_size
+    losses = LossLog(plan.total_steps(cfg), world_size, images_per_step, verbose=rank == 0,
+                     optimizer=optimizer, board=watch.board)
+    first_step, position = resume(plan, rank, models, optimization, losses, say)
     say(f"training on {world_size} worker(s), {device.type}, mixed precision {precision.mode}, "
         f"{'CUDA graph, ' if isinstance(step, GraphedStep) else ''}{losses.total_steps} steps")
+    watch.mark("setup")
 
     # Train.
     for step_number, epoch, batch in training_set.batches(cfg.num_epochs, cfg.max_train_steps, first_step, position):
         losses.add(step_number, epoch, step(batch))
+        optimization.after_step()  # the learning rate (and EMA) for the next step
         if step_number == first_step + 1:
             say(f"first step done, loss {losses.pending[-1][2][0].item():.4f}")
         if step_number % cfg.checkpointing_steps == 0 and step_number < losses.total_steps:
-            save_checkpoint(plan, rank, models, optimizer, losses, training_set.position(), step_number, say)
+            save_checkpoint(plan, rank, models, optimization, losses, training_set.position(), step_number, say)
         elif step_number % cfg.report_every_n_steps == 0:
             ray.train.report(losses.flush())  # a barrier across workers: hence only every N steps
+        watch.after_step(step_number, models, losses)  # rank 0: a validation grid when one is due
 
     # Save: rank 0 writes the trained modules and the loss history into the output's partial
     # folder when it can see it (same node, or shared storage); otherwise Ray Train carries them
     # to storage as a checkpoint and the driver copies them from there.
     metrics = losses.flush()
+    watch.mark("train")
     say("training done; saving")
+    optimization.finish()  # with --use_ema, the UNet takes the averaged weights
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = None
         if rank == 0:
@@ -139,13 +162,17 @@ def train_worker(loop_config: dict) -> None:
                 save_trained_modules(models, folder)
             Path(folder, TRAINING_LOG).write_text(json.dumps({
                 "raybooth_version": __version__, "mixed_precision": precision.mode, "world_size": world_size,
-                "learning_rate": cfg.learning_rate(), "config": dataclasses.asdict(cfg), "history": losses.history}, indent=1, default=str))
+                "learning_rate": learning_rates(cfg, world_size)[0], "config": dataclasses.asdict(cfg), "history": losses.history}, indent=1, default=str))
             checkpoint = None if direct else ray.train.Checkpoint.from_directory(scratch)
         say("saved")
+        watch.mark("save")
         # Samples from the tuned model while it is in memory: each worker makes its share.
         if plan.sample_shares:
             make_images_on_worker(models, model_dir, plan.sample_shares[rank], Path(plan.samples_dir), cfg,
-                                  plan.resolution, "samples", say, safety_checker=True)
+                                  plan.resolution, "samples", say, safety_checker=True,
+                                  bar=plan.progress_bars and rank == 0)
+            watch.mark("samples")
+        watch.finish(metrics, losses.images_per_step, folder if rank == 0 else None)  # beside the training log
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
@@ -187,31 +214,6 @@ def read_images(rank: int, class_paths: list[str]) -> tuple[list[np.ndarray], li
     instance = read_all(ray.train.get_dataset_shard("instance"))
     by_path = read_all(ray.train.get_dataset_shard(f"class_{rank}")) if class_paths else {}
     return [instance[path] for path in sorted(instance)], [by_path[path] for path in class_paths]
-
-
-def use_cuda_graph(cfg: TrainConfig, precision: Precision, device: torch.device,
-                   text_encoder_device: torch.device) -> bool:
-    """Graphs need one device per worker (no cross-GPU text encoder) and no loss scaler (fp16)."""
-    return cfg.cuda_graphs and device.type == "cuda" and text_encoder_device == device and precision.scaler is None
-
-
-# DDP settles its gradient buckets over its first iterations; PyTorch asks for 11 eager ones
-# before a step with DDP's all-reduce in it is captured.
-DDP_GRAPH_WARMUP_STEPS = 11
-
-
-def make_step(models, optimizer, precision: Precision, cfg: TrainConfig, graph_stream: torch.cuda.Stream | None,
-              world_size: int):
-    """The step as called in the loop: a CUDA graph captured on `graph_stream`, or eager without one."""
-    def step(batch):
-        return train_step(models, optimizer, precision, batch, cfg.prior_loss_weight, cfg.max_grad_norm)
-
-    def zero_grad():
-        optimizer.zero_grad(set_to_none=True)
-
-    if graph_stream is not None:
-        return GraphedStep(step, zero_grad, DDP_GRAPH_WARMUP_STEPS if world_size > 1 else 3, graph_stream)
-    return lambda batch: (step(batch), zero_grad())[0]
 
 
 def sees_output(plan: TrainPlan) -> bool:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raybooth.config.fields import DTYPES, check_prompts_given, finite, given, option, positive
+from raybooth.config.watch import VERBOSE_HELP
 
 @dataclass
 class CacheConfig:
@@ -42,6 +43,7 @@ class GenerateConfig:
     num_workers: int | None = option(None, "Generation actors (default: one per GPU, or one on CPU).")
     use_gpu: bool | None = option(None, "Generate on GPUs (default: when the Ray cluster has any).")
     address: str | None = option(None, "Ray cluster to attach to (default: RAY_ADDRESS, else a local Ray).")
+    verbose: bool = option(False, VERBOSE_HELP)
     use_ray_data: bool = option(True, "Accepted for the seed scripts; generation always runs on Ray Data.",
                                 hidden=True)
 
@@ -70,22 +72,30 @@ class RunConfig:
     """`raybooth run`: every step in one go. With no model and no subject, it is the demo."""
 
     work_dir: Path | None = option(None, "Folder for every step's output (default: ./raybooth-demo with "
-                                         "the tiny model, ./raybooth-run otherwise).")
+                                         "the world model, ./raybooth-run otherwise).")
     model_name: str | None = option(None, "Hugging Face repository to cache and fine-tune.")
     revision: str = option("main", "Revision of --model_name.")
     model_dir: Path | None = option(None, "Use this local pipeline instead of caching one "
-                                          "(default: the built-in tiny model, for the demo).")
+                                          "(default: the built-in world model, for the demo).")
     instance_images_dir: Path | None = option(None, "Photos of the subject (default: the built-in toy car).")
     unique_token: str = option("unqtkn", "Rare token that names the subject.")
     class_noun: str | None = option(None, 'Class of the subject, e.g. "dog" (required with '
                                           '--instance_images_dir; the built-in subject is a "toy car").')
-    sample_prompts: list[str] | None = option(None, "Prompts to sample the tuned model with "
-                                                    "(default: a few scenes of the subject).", nargs="+")
+    sample_prompts: list[str] | None = option(None, "Prompts to sample the tuned model (and, for the "
+                                                    "before-and-after grid, the pretrained one) with (default: a "
+                                                    "few scenes of the subject).", nargs="+")
     num_samples_per_prompt: int = option(4, "Samples per prompt from the tuned model.")
     overwrite: bool = option(False, "Replace the tuned model of an earlier run in WORK_DIR/model-tuned.")
+    num_class_samples: int | None = option(None, "Plain class samples of the tuned model for the grid and the "
+                                                 "measures (default: 16 in the demo, 8 otherwise).")
+    clip_model_dir: Path | None = option(None, "With --dino_model_dir: judge the run with CLIP and DINO, as "
+                                               "`raybooth evaluate --metrics clip` does (default: the small "
+                                               "world's measures in the demo, none otherwise).")
+    dino_model_dir: Path | None = option(None, "DINO ViT model for the measures with --clip_model_dir.")
 
     @property
-    def uses_tiny_model(self) -> bool:
+    def uses_world_model(self) -> bool:
+        """No model given: the demo's, the world model that ships with raybooth."""
         return self.model_name is None and self.model_dir is None
 
 

@@ -7,10 +7,12 @@ from pathlib import Path
 
 from raybooth.config.fields import (FULL_DEFAULT_LR, LORA_DEFAULT_LR, LORA_DEFAULT_RANK, PRECISIONS,
                                     check_prompts_given, finite, given, option, positive)
+from raybooth.config.optimization import ExampleOptions, OptimizationOptions
+from raybooth.config.watch import WatchOptions
 from raybooth.errors import RayboothError
 
 @dataclass
-class TrainConfig:
+class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
     model_dir: Path = option(help="Pretrained diffusers pipeline folder (or a Hugging Face cache folder holding one).")
     output_dir: Path = option(help="Folder for the fine-tuned pipeline; must be new, empty, or --overwrite.")
     instance_images_dir: Path = option(help="Photos of the subject (3-6 are typical).")
@@ -84,6 +86,9 @@ class TrainConfig:
         if self.lr is not None and self.lr <= 0:
             raise RayboothError(f"--lr must be positive, got {self.lr}")
         self.validate_lora()
+        self.validate_optimization(self.trains_text_encoder)
+        self.validate_examples(self.train_text_encoder)
+        self.validate_watch(self.output_dir)
         if self.max_failures < 0:
             raise RayboothError(f"--max_failures must be 0 or more, got {self.max_failures}")
         if self.prior_loss_weight < 0 or self.max_grad_norm <= 0:

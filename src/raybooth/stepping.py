@@ -1,0 +1,43 @@
+"""The training step as the worker's loop calls it: captured once as a CUDA graph and replayed
+where that can be done (graphs.py), eager otherwise."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from raybooth.graphs import GraphedStep
+from raybooth.optim import graph_blocker
+from raybooth.training import Precision, train_step
+
+# DDP settles its gradient buckets over its first iterations; PyTorch asks for 11 eager ones
+# before a step with DDP's all-reduce in it is captured.
+DDP_GRAPH_WARMUP_STEPS = 11
+
+
+def use_cuda_graph(cfg, precision: Precision, device: torch.device, text_encoder_device: torch.device,
+                   say: Callable[[str], None] = lambda message: None) -> bool:
+    """Graphs need one device per worker (no cross-GPU text encoder), no loss scaler (fp16), and
+    options whose step can be captured; where only the options stand in the way, `say` why."""
+    if not (cfg.cuda_graphs and device.type == "cuda" and text_encoder_device == device and precision.scaler is None):
+        return False
+    blocker = graph_blocker(cfg)
+    if blocker is not None:
+        say(f"no CUDA graph with {blocker}: the step runs eagerly")
+    return blocker is None
+
+
+def make_step(models, optimizer: torch.optim.Optimizer, precision: Precision, cfg,
+              graph_stream: torch.cuda.Stream | None, world_size: int):
+    """The step as called in the loop: a CUDA graph captured on `graph_stream`, or eager without one."""
+    def step(batch):
+        return train_step(models, optimizer, precision, batch, cfg.prior_loss_weight, cfg.max_grad_norm,
+                          offset_noise=cfg.offset_noise, snr_gamma=cfg.snr_gamma)
+
+    def zero_grad():
+        optimizer.zero_grad(set_to_none=True)
+
+    if graph_stream is not None:
+        return GraphedStep(step, zero_grad, DDP_GRAPH_WARMUP_STEPS if world_size > 1 else 3, graph_stream)
+    return lambda batch: (step(batch), zero_grad())[0]

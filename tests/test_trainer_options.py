@@ -1,0 +1,45 @@
+"""`raybooth train` end to end with many of diffusers' training options at once."""
+
+import json
+
+from diffusers import StableDiffusionPipeline
+
+from raybooth.cli import main
+
+from test_trainer import differs, train_args, weights
+
+
+def test_train_with_the_optimizer_options_and_a_config_file(ray_cluster, tiny_model_dir, subject_dir, tmp_path):
+    output = tmp_path / "tuned"
+    options = tmp_path / "options.yaml"
+    options.write_text("lr_scheduler: cosine\nlr_warmup_steps: 1\ngradient_accumulation_steps: 2\nuse_ema: true\n"
+                       "lr: 1e-2\n")
+    assert main(train_args(tiny_model_dir, output, subject_dir, tmp_path / "class", "--config", str(options),
+                           "--no_use_gpu", "--num_epochs", "2", "--lr", "1e-3", "--use_8bit_adam",
+                           "--gradient_checkpointing", "--snr_gamma", "5", "--offset_noise", "--random_flip",
+                           "--text_encoder_lr", "1e-4", "--train_text_encoder_steps", "2", "--adam_weight_decay",
+                           "0")) == 0
+
+    log = json.loads((output / "training_log.json").read_text())
+    # 5 photos against 4 class images: 5 pairs, 2 a step (2 micro-batches of 1), so 3 steps an epoch.
+    assert [row["step"] for row in log["history"]] == [1, 2, 3, 4, 5, 6]
+    cfg = log["config"]
+    assert (cfg["lr_scheduler"], cfg["gradient_accumulation_steps"], cfg["use_ema"]) == ("cosine", 2, True)
+    assert log["learning_rate"] == 1e-3  # the flag beat the file
+    for part in ("unet", "text_encoder"):
+        assert differs(weights(output, part), weights(tiny_model_dir, part))
+    assert not differs(weights(output, "vae"), weights(tiny_model_dir, "vae"))
+    StableDiffusionPipeline.from_pretrained(output)
+
+
+def test_train_with_prompts_encoded_once_samples_with_the_encoder_loaded_again(ray_cluster, tiny_model_dir,
+                                                                               subject_dir, tmp_path):
+    output, samples = tmp_path / "tuned", tmp_path / "samples"
+    assert main(train_args(tiny_model_dir, output, subject_dir, tmp_path / "class", "--no_use_gpu",
+                           "--max_train_steps", "3", "--pre_compute_text_embeddings", "--no_train_text_encoder",
+                           "--center_crop", "--tokenizer_max_length", "40", "--lr_scheduler", "linear",
+                           "--sample_prompts", "a unqtkn toy car on the beach", "--num_samples_per_prompt", "1",
+                           "--samples_dir", str(samples))) == 0
+    assert differs(weights(output, "unet"), weights(tiny_model_dir, "unet"))
+    assert not differs(weights(output, "text_encoder"), weights(tiny_model_dir, "text_encoder"))
+    assert len(list(samples.glob("*.png"))) == 1
