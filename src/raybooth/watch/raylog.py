@@ -95,11 +95,14 @@ class _Router:
         self.ray_printer: Callable[[dict], None] | None = None
 
     def __call__(self, data: dict) -> None:
-        target = self.target
-        if target is None:
-            self.ray_printer(data)
-        else:
-            target.forwarded(data, self.ray_printer)
+        target, printer = self.target, self.ray_printer
+        try:
+            if target is not None:
+                target.forwarded(data, printer)
+            elif printer is not None:
+                printer(data)
+        except Exception:  # noqa: BLE001 - runs on Ray's log thread: a traceback there would reach the terminal
+            pass
 
 
 _router = _Router()
