@@ -79,6 +79,10 @@ def train(cfg: TrainConfig) -> Path:
         result.filesystem.delete_dir(result.path)  # Ray Train's run folder: nothing in it is needed now
     except BaseException as error:
         shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(error, KeyboardInterrupt):  # stop the workers before their run folder goes
+            import ray
+
+            ray.shutdown()
         run.after_failure(interrupted=isinstance(error, KeyboardInterrupt))
         if class_dir_is_new and class_dir(cfg).is_dir() and not any(class_dir(cfg).iterdir()):
             class_dir(cfg).rmdir()  # made for this run, and nothing was put in it
