@@ -7,7 +7,7 @@ from PIL import Image
 
 from raybooth.data import load_image
 from raybooth.errors import RayboothError
-from raybooth.images import find_images, image_files, to_rgb
+from raybooth.images import find_images, image_files, read_rgb, to_rgb
 
 from conftest import write_solid_images
 
@@ -84,6 +84,17 @@ def test_every_mode_becomes_8_bit_rgb_without_clipping_or_losing_the_picture():
     palette.info["transparency"] = 0
     assert np.asarray(to_rgb(palette))[0, 0].tolist() == [255, 255, 255]
     assert to_rgb(Image.new("L", (4, 4), 7)).mode == "RGB"
+
+
+def test_read_rgb_reads_a_whole_photo_as_training_does(tmp_path):
+    Image.fromarray(np.linspace(0, 65535, 64 * 80).reshape(64, 80).astype(np.uint16)).save(tmp_path / "gray16.png")
+    gray = read_rgb(tmp_path / "gray16.png")
+    assert gray.shape == (64, 80, 3) and gray.dtype == np.uint8 and abs(gray.mean() - 127.5) < 1
+    rotated = Image.new("RGB", (80, 64), (10, 200, 30))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to stand upright
+    rotated.save(tmp_path / "rotated.jpg", exif=exif)
+    assert read_rgb(tmp_path / "rotated.jpg").shape == (80, 64, 3)
 
 
 def test_a_huge_photo_is_named_and_read_small(tmp_path, capsys):

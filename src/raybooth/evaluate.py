@@ -17,7 +17,7 @@ from raybooth.config import GenerateConfig
 from raybooth.config.evaluate import EvaluateConfig
 from raybooth.errors import RayboothError
 from raybooth.generate import generate, generated_for, image_name
-from raybooth.images import find_images, open_image
+from raybooth.images import find_images, read_rgb
 from raybooth.log import log
 from raybooth.models import resolve_model_dir
 from raybooth.prompts import class_prompt
@@ -63,7 +63,7 @@ def make_samples(cfg: EvaluateConfig, model_dir: Path, counts: dict[str, int], f
             num_samples_per_prompt=count, batch_size=cfg.batch_size, num_inference_steps=cfg.num_inference_steps,
             guidance_scale=cfg.guidance, seed=cfg.seed, dtype=cfg.dtype, safety_checker=False,
             lora_weights_dir=cfg.lora_weights_dir, use_gpu=cfg.use_gpu, address=cfg.address, verbose=cfg.verbose))
-    return {prompt: [np.asarray(open_image(folder / image_name(prompt, index)).convert("RGB")) for index in range(count)]
+    return {prompt: [read_rgb(folder / image_name(prompt, index)) for index in range(count)]
             for prompt, count in counts.items()}
 
 
@@ -134,8 +134,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     metrics as written."""
     cfg.validate()
     model_dir = resolve_model_dir(cfg.model_dir)
-    real_images = [np.asarray(open_image(path).convert("RGB"))
-                   for path in find_images(cfg.instance_images_dir, "instance images")]
+    real_images = [read_rgb(path) for path in find_images(cfg.instance_images_dir, "instance images")]
     output_dir = Path(cfg.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise RayboothError(f"output {output_dir} is a file, not a folder")

@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from raybooth.errors import RayboothError
 from raybooth.log import log
@@ -101,3 +101,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return image.convert("RGB")
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """A whole image as uint8 RGB (HWC), upright by its EXIF orientation and converted as
+    training reads it (`to_rgb`): for judging samples against the subject's photos."""
+    with open_image(path) as image:
+        return np.asarray(to_rgb(ImageOps.exif_transpose(image)))

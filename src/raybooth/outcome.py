@@ -24,7 +24,7 @@ from raybooth.config import TrainConfig
 from raybooth.config.evaluate import EvaluateConfig
 from raybooth.evaluate import clear_samples, image_grid, json_ready, make_samples, measure, report
 from raybooth.generate import image_name
-from raybooth.images import find_images, open_image
+from raybooth.images import find_images, read_rgb
 from raybooth.log import log
 
 GRID_FILE, EVALUATION_FILE = "results.png", "evaluation.json"
@@ -109,10 +109,6 @@ def finish_run(outcome: Outcome, train_cfg: TrainConfig, samples_dir: Path) -> d
         log(f"{name} ({'pretrained' if name == 'before' else 'tuned'} model):\n{report(results[name])}")
     log(f"the measures: {outcome.work_dir / EVALUATION_FILE}")
     return results
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    return np.asarray(open_image(path).convert("RGB"))
 
 
 def draw_grid(path: Path, photos: list[np.ndarray], prompts: list[str], before: dict[str, list[np.ndarray]],
