@@ -1,9 +1,10 @@
-"""Peak GPU memory and step time of full fine-tuning against LoRA (issue 6), one configuration per
-fresh process so that peaks are clean: SD-1.5-sized random weights, 512 px, UNet and text
-encoder trained, bf16 autocast, the step as a CUDA graph with class latents cached, as
-`raybooth train` runs it. Prints one JSON line.
+"""Peak GPU memory and step time of full fine-tuning, LoRA (issue 6) and the low-memory options
+(issue 8: --gradient_checkpointing --use_8bit_adam), one configuration per fresh process so that
+peaks are clean: SD-1.5-sized random weights, 512 px, UNet and text encoder trained, bf16
+autocast, class latents cached, as `raybooth train` runs it: the step as a CUDA graph, eager
+with 8-bit Adam (which cannot be captured). Prints one JSON line.
 
-    python bench/memory.py MODEL_DIR full|lora PAIRS     # PAIRS: instance images per step (+ as many class)
+    python bench/memory.py MODEL_DIR full|lora|lowmem PAIRS   # PAIRS: instance images per step (+ as many class)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from levers import make_batch, seconds_per_step
 from raybooth.graphs import GraphedStep
 from raybooth.lora import add_adapters, save_adapters
 from raybooth.models import load_for_training
+from raybooth.optim import enable_gradient_checkpointing
 from raybooth.training import Precision, make_optimizer, train_step
 
 DEVICE = torch.device("cuda")
@@ -34,18 +36,31 @@ def main(model_dir: str, variant: str, pairs: int, steps: int = 20) -> None:
         models.unet.to(precision.frozen_dtype)
         add_adapters(models.unet, models.text_encoder, rank=4, alpha=4, lora_text_encoder=True)
         models = dataclasses.replace(models, train_text_encoder=True)
+    loaded_gib = round(torch.cuda.memory_allocated() / 2**30, 2)
+    lowmem = variant == "lowmem"
+    if lowmem:
+        enable_gradient_checkpointing(models)
     parameters = models.trainable_parameters()
-    optimizer = make_optimizer(parameters, lr=1e-4 if lora else 5e-6)
+    optimizer = make_optimizer(parameters, lr=1e-4 if lora else 5e-6, eight_bit=lowmem)
     batch = make_batch(models, pairs, cached=True)
-    step = GraphedStep(lambda b: train_step(models, optimizer, precision, b, 1.0, 1.0),
-                       lambda: optimizer.zero_grad(set_to_none=True))
+
+    def zero_grad():
+        optimizer.zero_grad(set_to_none=True)
+
+    def eager(b):
+        loss = train_step(models, optimizer, precision, b, 1.0, 1.0)
+        zero_grad()
+        return loss
+
+    step = eager if lowmem else GraphedStep(lambda b: train_step(models, optimizer, precision, b, 1.0, 1.0), zero_grad)
     try:
         seconds, _ = seconds_per_step(step, batch, steps)
     except torch.OutOfMemoryError:
         print(json.dumps(dict(variant=variant, pairs=pairs, out_of_memory=True)), flush=True)
         return
     row = dict(variant=variant, pairs=pairs, step_ms=round(seconds * 1e3, 1), images_per_s=round(2 * pairs / seconds, 1),
-               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), loaded_gib=loaded_gib,
+               reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                trained_parameters_m=round(sum(p.numel() for p in parameters) / 1e6, 2))
     if lora:
         with tempfile.TemporaryDirectory() as folder:

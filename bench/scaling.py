@@ -2,9 +2,13 @@
 SD-1.5-sized random weights at 512 px, batch 1+1 per worker. Writes scaling-PART.json and the
 logs to OUT_DIR.
 
-    python bench/scaling.py MODEL_DIR OUT_DIR train   # generation and training images/s on 1..N GPUs,
-                                                      # and one worker with two GPUs
-    python bench/scaling.py MODEL_DIR OUT_DIR flow    # the seed's whole flow on 1..N GPUs
+    python bench/scaling.py MODEL_DIR OUT_DIR generate [GPU_COUNTS]  # class images/s through Ray Data
+    python bench/scaling.py MODEL_DIR OUT_DIR train [GPU_COUNTS [FLAGS]]  # training images/s, 1..N workers
+    python bench/scaling.py MODEL_DIR OUT_DIR layouts  # on 2 GPUs: eager DDP, and one worker with two GPUs
+    python bench/scaling.py MODEL_DIR OUT_DIR flow [GPU_COUNTS [FLAGS]]  # the seed's whole flow on 1..N GPUs
+
+GPU_COUNTS is a list such as 1,2,4 (default: 1, 2, 4, 8 up to the machine's); FLAGS go to every
+`raybooth train` / `run` of the part.
 
 NVLink multicast stays off (the machines' rule): the variables are set here, and raybooth hands
 them to its Ray workers.
@@ -30,7 +34,7 @@ WORK = Path("/tmp/raybooth-scaling")
 
 def steady_generation_rate(log: str) -> float:
     """images/s between the first and the last progress line: past loading, before teardown."""
-    rows = [(float(t), int(done)) for t, done in re.findall(r"\[raybooth +([0-9.]+)s\] generated (\d+)/", log)]
+    rows = [(float(t), int(done)) for t, done in re.findall(r"\[raybooth +([0-9.]+)s\] made (\d+)/", log)]
     (t0, n0), (t1, n1) = rows[0], rows[-1]
     return round((n1 - n0) / (t1 - t0), 2)
 
@@ -46,7 +50,7 @@ def train(name: str, model_dir: str, out: Path, class_dir: Path, workers: int, p
         "train", "--model_dir", model_dir, "--output_dir", str(output), "--overwrite",
         "--instance_images_dir", str(photos(WORK / "photos")), "--instance_prompt", "a photo of unqtkn dog",
         "--class_images_dir", str(class_dir), "--class_prompt", CLASS_PROMPT,
-        "--num_class_images", "96", "--max_train_steps", str(steps), "--num_workers", str(workers),
+        "--num_class_images", "32", "--max_train_steps", str(steps), "--num_workers", str(workers),
         "--gpus_per_worker", str(per_worker), *extra], out)
     rate = steady_steps_per_s(result["log"]) if result["exit"] == 0 else 0.0
     report[name] = {"workers": workers, "gpus_per_worker": per_worker, "steps": steps, "exit": result["exit"],
@@ -54,8 +58,9 @@ def train(name: str, model_dir: str, out: Path, class_dir: Path, workers: int, p
                     "losses": losses(output) if result["exit"] == 0 else []}
 
 
-def train_scaling(model_dir: str, out: Path, gpus: list[int], report: dict, save) -> None:
-    for n in gpus:  # class images through Ray Data, n actors
+def generate_scaling(model_dir: str, out: Path, gpus: list[int], report: dict, save, extra: list[str]) -> None:
+    """Class images through Ray Data, one actor a GPU: steady images/s on 1..N GPUs."""
+    for n in gpus:
         count = 96 * n
         result = run(f"generate-{n}", RAYBOOTH + [
             "generate", "--model_dir", model_dir, "--output_dir", str(WORK / f"class-{n}"), "--prompts",
@@ -63,25 +68,39 @@ def train_scaling(model_dir: str, out: Path, gpus: list[int], report: dict, save
         report[f"generate_{n}gpu"] = {"images": count, "wall_s": result["wall_s"], "exit": result["exit"],
                                       "images_per_s": steady_generation_rate(result["log"])}
         save()
-    runs = [(f"train-{n}x1", n, 1, 200, []) for n in gpus]
-    if 2 in gpus:  # DDP without the graph, and the seed's layout: UNet on one GPU, text encoder on the other
-        runs += [("train-2x1-eager", 2, 1, 100, ["--no_cuda_graphs"]), ("train-1x2", 1, 2, 100, [])]
-    for name, workers, per_worker, steps, extra in runs:
-        train(name, model_dir, out, WORK / f"class-{gpus[0]}", workers, per_worker, steps, extra, report)
-        save()
-    one = report.get("train-1x1", {}).get("images_per_s")
     for n in gpus[1:]:
-        if one and report.get(f"train-{n}x1", {}).get("images_per_s"):
-            report[f"train_efficiency_{n}gpu"] = round(report[f"train-{n}x1"]["images_per_s"] / (n * one), 3)
-        if report.get("generate_1gpu") and report.get(f"generate_{n}gpu"):
+        if report["generate_1gpu"]["exit"] == 0 and report[f"generate_{n}gpu"]["exit"] == 0:
             report[f"generate_efficiency_{n}gpu"] = round(
                 report[f"generate_{n}gpu"]["images_per_s"] / (n * report["generate_1gpu"]["images_per_s"]), 3)
-    graph, eager = report.get("train-2x1", {}).get("losses"), report.get("train-2x1-eager", {}).get("losses")
+
+
+def train_scaling(model_dir: str, out: Path, gpus: list[int], report: dict, save, extra: list[str]) -> None:
+    """Training images/s with 1..N one-GPU workers, `extra` flags added to each run."""
+    class_dir = WORK / "class-train"
+    for n in gpus:
+        train(f"train-{n}x1", model_dir, out, class_dir, n, 1, 150, extra, report)
+        save()
+    one = report["train-1x1"]["images_per_s"]
+    for n in gpus[1:]:
+        if one and report[f"train-{n}x1"]["images_per_s"]:
+            report[f"train_efficiency_{n}gpu"] = round(report[f"train-{n}x1"]["images_per_s"] / (n * one), 3)
+
+
+def layouts(model_dir: str, out: Path, gpus: list[int], report: dict, save, extra: list[str]) -> None:
+    """On 2 GPUs: DDP without the graph, and the seed's layout (UNet on one GPU, text encoder on
+    the other) against two one-GPU workers, from the same seed."""
+    class_dir = WORK / "class-train"
+    for name, workers, per_worker, steps, flags in [("train-2x1", 2, 1, 100, []),
+                                                    ("train-2x1-eager", 2, 1, 100, ["--no_cuda_graphs"]),
+                                                    ("train-1x2", 1, 2, 100, [])]:
+        train(name, model_dir, out, class_dir, workers, per_worker, steps, flags + extra, report)
+        save()
+    graph, eager = report["train-2x1"]["losses"], report["train-2x1-eager"]["losses"]
     if graph and eager:  # same seed: the graphed DDP step must train as the eager one does
         report["graph_vs_eager_2x1_max_loss_diff"] = max(abs(a - b) for a, b in zip(graph, eager))
 
 
-def flow_scaling(model_dir: str, out: Path, gpus: list[int], report: dict, save) -> None:
+def flow_scaling(model_dir: str, out: Path, gpus: list[int], report: dict, save, extra: list[str]) -> None:
     """`raybooth run` as the seed does it (200 class images, 800 pairs of 1+1, 20 samples), the
     same work on n GPUs: 800 / n steps on each of n workers."""
     subject = photos(WORK / "photos")
@@ -89,31 +108,30 @@ def flow_scaling(model_dir: str, out: Path, gpus: list[int], report: dict, save)
         result = run(f"run-{n}gpu", RAYBOOTH + [
             "run", "--model_dir", model_dir, "--instance_images_dir", str(subject), "--class_noun", "dog",
             "--work_dir", str(WORK / f"run-{n}"), "--sample_prompts", *SAMPLE_PROMPTS, "--num_samples_per_prompt", "4",
-            "--num_workers", str(n),
-            "--max_train_steps", str(800 // n)], out)
+            "--num_workers", str(n), "--max_train_steps", str(800 // n), *extra], out)
         report[f"run_{n}gpu"] = {"wall_s": result["wall_s"], "exit": result["exit"],
                                  "timeline": timeline(result["log"])}
         save()
-    if 2 in gpus:  # the seed's layout, one worker with the text encoder on a second GPU, beside two workers
-        train("train-1x2", model_dir, out, WORK / "run-2/images-reg", 1, 2, 100, [], report)
-        save()
 
 
-def main(model_dir: str, out_dir: str, part: str) -> None:
+def main(model_dir: str, out_dir: str, part: str, gpu_counts: str = "", *extra: str) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    gpus = [n for n in (1, 2, 4, 8) if n <= torch.cuda.device_count()]
+    gpus = [int(n) for n in gpu_counts.split(",")] if gpu_counts else [
+        n for n in (1, 2, 4, 8) if n <= torch.cuda.device_count()]
     report: dict = {"device": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
                     "torch": torch.__version__}
 
     def save() -> None:
         (out / f"scaling-{part}.json").write_text(json.dumps(report, indent=1))
 
-    {"train": train_scaling, "flow": flow_scaling}[part](model_dir, out, gpus, report, save)
+    report["extra_flags"] = list(extra)
+    parts = {"generate": generate_scaling, "train": train_scaling, "layouts": layouts, "flow": flow_scaling}
+    parts[part](model_dir, out, gpus, report, save, list(extra))
     print(json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)} |
                      {k: {kk: vv for kk, vv in v.items() if kk not in ("losses", "timeline")}
                       for k, v in report.items() if isinstance(v, dict)}, indent=1))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:])

@@ -5,6 +5,8 @@ read back from its output folder."""
 import contextlib
 import io
 import json
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -47,6 +49,27 @@ def test_forwarded_lines_ours_to_the_terminal_rays_to_the_file(tmp_path, verbose
     assert all(data["pid"] == 4242 for data in printed)  # printed as Ray prints it, prefix and all
     logged = (tmp_path / "logs" / "ray.log").read_text()
     assert f"(RayTrainWorker pid=4242) {RAYS}" in logged and OURS not in logged and BAR not in logged
+
+
+def test_lines_written_to_descriptor_2_past_python_go_to_the_file(tmp_path):
+    """Ray's C++ core writes some lines straight to descriptor 2 (a warning of Ray Data's actor
+    pool): they go to the file, while Python's writes to sys.stderr, ours among them, still show."""
+    script = f"""
+import os, sys
+from raybooth.log import log
+from raybooth.watch.raylog import restore_ray_output, send_ray_output
+send_ray_output({str(tmp_path / "ray.log")!r}, verbose=False)
+os.write(2, b"E core_worker.cc:2465: Actor with class name\\n")
+log("made 1/2 images")
+print("a path on stdout")
+restore_ray_output()
+os.write(2, b"after the command\\n")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "made 1/2 images" in done.stderr and "after the command" in done.stderr
+    assert "core_worker" not in done.stderr and done.stdout == "a path on stdout\n"
+    assert "(ray core) E core_worker.cc:2465: Actor with class name" in (tmp_path / "ray.log").read_text()
 
 
 def test_a_line_of_ours_forwarded_twice_is_shown_once(tmp_path):

@@ -49,7 +49,7 @@ def run_name(output_dir: Path) -> str:
 
 def trained_tensors(models) -> dict[str, torch.Tensor]:
     """Every trained parameter (full weights, or only LoRA adapters), by module-qualified name."""
-    from raybooth.training import unwrap
+    from raybooth.parallel import unwrap
 
     return {f"{prefix}.{name}": parameter.detach()
             for prefix, module in (("unet", models.unet), ("text_encoder", models.text_encoder))

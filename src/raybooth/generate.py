@@ -187,7 +187,7 @@ def pipeline_from_models(models, model_dir: Path, safety_checker: bool = False):
 
     from diffusers import StableDiffusionPipeline
 
-    from raybooth.training import unwrap
+    from raybooth.parallel import unwrap
 
     device = models.device
     dtype = inference_dtype("auto", device.type)

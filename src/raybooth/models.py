@@ -146,7 +146,7 @@ def load_for_training(model_dir: Path, device: torch.device, text_encoder_device
 
 def save_trained_modules(models, folder: Path) -> None:
     """The modules training changed, in their diffusers/transformers folder layout."""
-    from raybooth.training import unwrap
+    from raybooth.parallel import unwrap
 
     unwrap(models.unet).save_pretrained(folder / "unet")
     if models.train_text_encoder:

@@ -78,7 +78,7 @@ def precompute_prompt_embeddings(models, prompt_ids: torch.Tensor, precision) ->
 
 
 def ema_parameters(models) -> list[torch.nn.Parameter]:
-    from raybooth.training import unwrap
+    from raybooth.parallel import unwrap
 
     return [p for p in unwrap(models.unet).parameters() if p.requires_grad]
 

@@ -7,7 +7,8 @@
                       the tuned one ("after"): the small world's with the world model, CLIP and
                       DINO's with --clip_model_dir; none for other models (the grid only)
 
-The samples come from `raybooth evaluate`'s functions: no second sampling or measuring code.
+The training workers make the samples with the models they hold (outcome_samples); the
+measures are `raybooth evaluate`'s.
 (The training report, report.png and metrics.json, lives beside the tuned model instead.)
 """
 
@@ -22,10 +23,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from raybooth.config import TrainConfig
 from raybooth.config.evaluate import EvaluateConfig
-from raybooth.evaluate import clear_samples, image_grid, json_ready, make_samples, measure, report
+from raybooth.evaluate import image_grid, json_ready, measure, report
 from raybooth.generate import image_name
 from raybooth.images import find_images, read_rgb
 from raybooth.log import log
+from raybooth.sampling import SampleSet
 
 GRID_FILE, EVALUATION_FILE = "results.png", "evaluation.json"
 BEFORE_DIR, CLASS_DIR = "images-before", "images-class"
@@ -47,10 +49,22 @@ class Outcome:
     dino_model_dir: Path | None = None
 
 
+def outcome_samples(outcome: Outcome, train_cfg: TrainConfig) -> tuple[SampleSet, SampleSet]:
+    """What the training workers make for the grid, with the model they hold: the pretrained
+    model's samples of the tuned model's prompts from the same seeds, before training (each pair
+    of cells differs by training only), and plain class samples of the tuned model after it."""
+    before = SampleSet(outcome.work_dir / BEFORE_DIR, outcome.prompts, outcome.samples_per_prompt, train_cfg.seed,
+                       before_training=True, what="samples of the pretrained model")
+    # Class samples from another seed than the class images trained on: the prior is judged on
+    # noise it was not taught to turn back into those images.
+    classes = SampleSet(outcome.work_dir / CLASS_DIR, [train_cfg.class_prompt], outcome.num_class_samples,
+                        train_cfg.seed + 1, safety_checker=False, what="plain class samples")
+    return before, classes
+
+
 def finish_run(outcome: Outcome, train_cfg: TrainConfig, samples_dir: Path) -> dict | None:
-    """Sample the pretrained model with the tuned model's prompts and seeds and the tuned model
-    with the plain class prompt, draw the grid, and measure both models when `outcome.metrics`
-    says how. Returns what evaluation.json holds (None without measures)."""
+    """Draw the grid of the samples the workers made (outcome_samples), and measure both models
+    when `outcome.metrics` says how. Returns what evaluation.json holds (None without measures)."""
     base_dir = Path(train_cfg.model_dir)
     adapter = Path(train_cfg.output_dir) if train_cfg.use_lora else None
     tuned_dir = base_dir if adapter else Path(train_cfg.output_dir)
@@ -65,22 +79,12 @@ def finish_run(outcome: Outcome, train_cfg: TrainConfig, samples_dir: Path) -> d
             guidance_scale=train_cfg.guidance_scale, seed=seed, batch_size=train_cfg.sample_batch_size,
             use_gpu=train_cfg.use_gpu, address=train_cfg.address, verbose=train_cfg.verbose)
 
-    # The workers sampled the tuned model with seeds from train_cfg.seed; the same seeds give the
-    # pretrained model's samples of the same prompts: each pair of cells differs by training only.
-    before_cfg = settings(base_dir, train_cfg.seed)
-    # Class samples from another seed than the class images trained on: the prior is judged on
-    # noise it was not taught to turn back into those images.
-    after_cfg = settings(tuned_dir, train_cfg.seed + 1, adapter)
-    for folder in (outcome.work_dir / BEFORE_DIR, outcome.work_dir / CLASS_DIR):
-        clear_samples(folder)  # an earlier run's samples would pass for this one's
-    log(f"sampling the pretrained model with the same prompts and seeds, and {outcome.num_class_samples} plain "
-        f"class samples from the tuned model, for {outcome.work_dir / GRID_FILE}")
-    count = outcome.samples_per_prompt
-    before = make_samples(before_cfg, base_dir, {prompt: count for prompt in outcome.prompts},
-                          outcome.work_dir / BEFORE_DIR)
+    before_set, class_set = outcome_samples(outcome, train_cfg)
+    before_cfg, after_cfg = settings(base_dir, before_set.seed), settings(tuned_dir, class_set.seed, adapter)
     plain = train_cfg.class_prompt
-    class_after = make_samples(after_cfg, tuned_dir, {plain: outcome.num_class_samples},
-                               outcome.work_dir / CLASS_DIR)[plain]
+    before = {prompt: [read_rgb(path) for path in before_set.paths(prompt)] for prompt in outcome.prompts}
+    class_after = [read_rgb(path) for path in class_set.paths(plain)]
+    count = outcome.samples_per_prompt
     after = {prompt: [read_rgb(samples_dir / image_name(prompt, index)) for index in range(count)]
              for prompt in outcome.prompts}
     photos = [read_rgb(path) for path in find_images(train_cfg.instance_images_dir, "instance images")]

@@ -26,6 +26,7 @@ from raybooth.models import (TRAINING_LOG, check_output_dir, copy_base_component
 from raybooth.optim import check_8bit_adam
 from raybooth.prompts import check_prompt_lengths, check_prompts, words
 from raybooth.runs import RunFolder
+from raybooth.sampling import SampleSet, plan_sample_set, share_out
 from raybooth.watch.folders import RunLogs
 from raybooth.watch.progress import terminal_shows_bars
 from raybooth.watch.raylog import send_ray_output
@@ -33,8 +34,9 @@ from raybooth.watch.report import report_run
 from raybooth.worker import OUTPUT_TOKEN, TrainPlan, train_worker
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Fine-tune `cfg.model_dir` on the subject; returns the output pipeline folder."""
+def train(cfg: TrainConfig, extra_samples: tuple[SampleSet, ...] = ()) -> Path:
+    """Fine-tune `cfg.model_dir` on the subject; returns the output pipeline folder. The workers
+    also make `cfg.sample_prompts`' samples after training, and `extra_samples`."""
     started = time.time()
     model_dir, resolution, instance_paths = check_inputs(cfg)  # before Ray: bad input costs seconds
     settings = fingerprint(cfg, resolution)
@@ -49,7 +51,10 @@ def train(cfg: TrainConfig) -> Path:
         logs.announce(cfg)
         use_gpu, gpus_per_worker = worker_gpus(cfg)
         class_entries = plan_class_images(cfg)
-        samples = plan_samples(cfg)
+        main_samples = (SampleSet(cfg.samples_dir, cfg.sample_prompts, cfg.num_samples_per_prompt, cfg.seed)
+                        if cfg.sample_prompts else None)
+        sample_sets = [plan_sample_set(samples, cfg.num_workers)
+                       for samples in ([main_samples] if main_samples else []) + list(extra_samples)]
         if not cfg.use_lora:  # a LoRA output holds the adapter alone, no pipeline
             copy_base_components(model_dir, partial,
                                  skip=("unet", "text_encoder") if cfg.train_text_encoder else ("unet",))
@@ -60,8 +65,7 @@ def train(cfg: TrainConfig) -> Path:
             model_dir=model_dir, resolution=resolution, class_images_dir=class_dir(cfg), class_shares=shares,
             output_partial=str(partial), output_token=token, started_at=started,
             pairs_per_worker=max(math.ceil(len(instance_paths) / cfg.num_workers), max(map(len, shares))),
-            samples_dir=cfg.samples_dir and Path(cfg.samples_dir).expanduser().absolute(),
-            sample_shares=share_out(samples, cfg.num_workers) if samples else [], settings=settings,
+            sample_sets=sample_sets, settings=settings,
             resume_from=resume_from, logs_dir=logs.run, progress_bars=terminal_shows_bars())
         to_make = sum("file" in entry for entry in class_entries)
         log(f"fine-tuning {model_dir} on {len(instance_paths)} instance and {len(class_entries)} class images "
@@ -74,7 +78,7 @@ def train(cfg: TrainConfig) -> Path:
             with result.checkpoint.as_directory() as trained:
                 copy_trained(Path(trained), partial)
         (partial / OUTPUT_TOKEN).unlink()
-        report_run(cfg, logs, partial, instance_paths, [plan.samples_dir / row["file"] for row in samples], started)
+        report_run(cfg, logs, partial, instance_paths, main_samples.paths() if main_samples else [], started)
         output_dir = finish_model_dir(partial, cfg.output_dir)
         result.filesystem.delete_dir(result.path)  # Ray Train's run folder: nothing in it is needed now
     except BaseException as error:
@@ -168,27 +172,6 @@ def plan_class_images(cfg: TrainConfig) -> list[dict]:
     if any("file" in entry for entry in entries):
         folder.mkdir(parents=True, exist_ok=True)
     return entries
-
-
-def share_out(items: list, workers: int) -> list[list]:
-    """Worker r's share: every `workers`-th item from the r-th on."""
-    return [items[rank::workers] for rank in range(workers)]
-
-
-def plan_samples(cfg: TrainConfig) -> list[dict]:
-    """The samples to make after training ({"prompt", "seed", "file"}), named and seeded as
-    `raybooth generate` names and seeds them; an earlier run's samples in the folder are replaced."""
-    if not cfg.sample_prompts:
-        return []
-    folder = Path(cfg.samples_dir).expanduser().absolute()
-    if folder.exists() and not folder.is_dir():
-        raise RayboothError(f"--samples_dir {folder} is a file, not a folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = [{"prompt": prompt, "seed": image_seed(cfg.seed, prompt, index), "file": image_name(prompt, index)}
-            for prompt in cfg.sample_prompts for index in range(cfg.num_samples_per_prompt)]
-    for row in rows:  # an earlier model's sample would pass for this one's
-        (folder / row["file"]).unlink(missing_ok=True)
-    return rows
 
 
 def datasets(instance_paths: list[Path], shares: list[list[dict]], resolution: int) -> dict:

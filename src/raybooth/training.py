@@ -4,11 +4,10 @@ precision policy around it. Nothing here knows about Ray; `trainer.py` runs it o
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 from raybooth.models import half_precision_dtype
 
@@ -35,20 +34,6 @@ class DreamBoothModels:
         modules = [self.unet] + ([self.text_encoder] if self.train_text_encoder else [])
         return [p for module in modules for p in module.parameters() if p.requires_grad]
 
-    def data_parallel(self, stream: torch.cuda.Stream | None = None) -> DreamBoothModels:
-        """The trained modules wrapped in DDP, each on its own device (the UNet and the text
-        encoder may sit on two GPUs of one worker). A CUDA graph that is to capture DDP's
-        all-reduce asks for DDP to be built on the stream it captures on: `stream`."""
-        def wrap(module: torch.nn.Module) -> DistributedDataParallel:
-            device = next(module.parameters()).device
-            if device.type != "cuda":
-                return DistributedDataParallel(module)
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                return DistributedDataParallel(module, device_ids=[device])
-
-        return replace(self, unet=wrap(self.unet),
-                       text_encoder=wrap(self.text_encoder) if self.train_text_encoder else self.text_encoder)
-
     def encode_prompts(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             hidden_states = self.text_encoder(prompt_ids.to(self.text_encoder_device))[0]
@@ -57,10 +42,6 @@ class DreamBoothModels:
             detached = hidden_states.detach()
             hidden_states = detached + self.text_encoder_gate.to(detached.device) * (hidden_states - detached)
         return hidden_states.to(self.device)
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return module.module if isinstance(module, DistributedDataParallel) else module
 
 
 @dataclass

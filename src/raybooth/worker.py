@@ -37,6 +37,8 @@ from raybooth.losslog import LossLog
 from raybooth.models import TRAINING_LOG, load_for_training, load_tokenizer, save_trained_modules
 from raybooth.optim import (build_optimization, enable_gradient_checkpointing, learning_rates,
                             precompute_prompt_embeddings)
+from raybooth.parallel import data_parallel
+from raybooth.sampling import WorkerSamples
 from raybooth.stepping import make_step, use_cuda_graph
 from raybooth.training import Precision
 from raybooth.watch.monitor import RunWatch
@@ -55,8 +57,7 @@ class TrainPlan:
     pairs_per_worker: int
     output_partial: str
     output_token: str
-    samples_dir: Path | None = None
-    sample_shares: list[list[dict]] = field(default_factory=list)  # per worker: {"prompt", "seed", "file"}
+    sample_sets: list[WorkerSamples] = field(default_factory=list)  # made before or after training
     started_at: float = field(default_factory=time.time)
     settings: dict = field(default_factory=dict)  # what a checkpoint must match to be resumed (checkpoints.fingerprint)
     resume_from: str | None = None  # a checkpoint folder to start from when Ray Train has none of this run
@@ -110,7 +111,8 @@ def train_worker(loop_config: dict) -> None:
         accumulation=cfg.gradient_accumulation_steps, center_crop=cfg.center_crop, random_flip=cfg.random_flip)
     if training_set.cache_class_latents(models.vae):
         say("class images encoded once: they are at the training resolution")
-    if cfg.use_lora:  # after the class images, which come from the base model
+    make_samples(plan, rank, models, cfg, say, before_training=True)  # the pretrained model's
+    if cfg.use_lora:  # after the class images and samples, which come from the base model
         lora.add_to_models(models, cfg)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(models)
@@ -120,7 +122,7 @@ def train_worker(loop_config: dict) -> None:
     graph = use_cuda_graph(cfg, precision, device, text_encoder_device, say)
     graph_stream = torch.cuda.Stream(device) if graph else None
     if world_size > 1:
-        models = models.data_parallel(graph_stream)
+        models = data_parallel(models, graph_stream, cfg.ddp_bucket_mb)
     optimization = build_optimization(models, cfg, plan.total_steps(cfg), world_size, lr_as_tensor=graph)
     optimizer = optimization.optimizer
     step = make_step(models, optimizer, precision, cfg, graph_stream, world_size)
@@ -167,13 +169,20 @@ def train_worker(loop_config: dict) -> None:
         say("saved")
         watch.mark("save")
         # Samples from the tuned model while it is in memory: each worker makes its share.
-        if plan.sample_shares:
-            make_images_on_worker(models, model_dir, plan.sample_shares[rank], Path(plan.samples_dir), cfg,
-                                  plan.resolution, "samples", say, safety_checker=True,
-                                  bar=plan.progress_bars and rank == 0)
+        if make_samples(plan, rank, models, cfg, say, before_training=False):
             watch.mark("samples")
         watch.finish(metrics, losses.images_per_step, folder if rank == 0 else None)  # beside the training log
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def make_samples(plan: TrainPlan, rank: int, models, cfg: TrainConfig, say, before_training: bool) -> bool:
+    """This worker's share of the sample sets due now, from the model in memory; whether any were."""
+    due = [samples for samples in plan.sample_sets if samples.before_training == before_training]
+    for samples in due:
+        make_images_on_worker(models, Path(plan.model_dir), samples.shares[rank], Path(samples.folder), cfg,
+                              plan.resolution, samples.what, say, safety_checker=samples.safety_checker,
+                              bar=plan.progress_bars and rank == 0)
+    return bool(due)
 
 
 def resume(plan: TrainPlan, rank: int, models, optimizer, losses: LossLog, say) -> tuple[int, dict | None]:

@@ -23,11 +23,11 @@ from raybooth.hub import cache_model
 from raybooth.images import image_files
 from raybooth.log import log
 from raybooth.models import check_output_dir, resolve_model_dir
-from raybooth.outcome import Outcome, finish_run
+from raybooth.outcome import Outcome, finish_run, outcome_samples
 from raybooth.prompts import class_prompt, instance_prompt, sample_prompts
 from raybooth.trainer import train
 from raybooth.world import model_dir as world_model_dir
-from raybooth.world.demo import DEMO_CLASS_NOUN, DEMO_CLASS_SAMPLES, DEMO_TRAINING, demo_prompts, demo_subject
+from raybooth.world.demo import DEMO_CLASS_NOUN, DEMO_CLASS_SAMPLES, demo_prompts, demo_subject, demo_training
 from raybooth.world.scenes import CLASSES as WORLD_CLASSES
 
 OWN_MODEL_CLASS_SAMPLES = 8  # a row of the grid
@@ -60,8 +60,8 @@ def run(cfg: RunConfig, training: dict[str, Any]) -> Path:
         class_prompt=class_prompt(noun), class_noun=noun, overwrite=cfg.overwrite,
         sample_prompts=prompts,
         num_samples_per_prompt=cfg.num_samples_per_prompt, samples_dir=samples_dir,
-        **(DEMO_TRAINING if cfg.uses_world_model else {}) | training)
-    train(train_cfg)
+        **(demo_training(training) if cfg.uses_world_model else training))
+    train(train_cfg, outcome_samples(ending, train_cfg))
     finish_run(ending, train_cfg, samples_dir)
     samples = image_files(samples_dir)
     if train_cfg.use_lora:

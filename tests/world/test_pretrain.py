@@ -159,3 +159,23 @@ def test_the_shipped_world_pipeline_draws_each_class_as_the_classifier_knows_it(
     expected = [CLASSES.index(name) for name in CLASSES for _ in range(2)]
     assert (predicted["class"] == np.array(expected)).mean() >= 0.75, predicted["class"]
     assert not predicted["subject"].any()  # the subject is held out of pretraining
+
+
+def test_the_shipped_autoencoder_keeps_the_subject_and_colours_outside_the_world():
+    """The VAE saw any colour and chequered objects (never the subject's own pair): the subject's
+    photos survive encoding and decoding, as they must for fine-tuning to be able to show it."""
+    from diffusers import AutoencoderKL
+
+    from raybooth.world import model_dir
+    from raybooth.world.classifier import load_classifier
+    from raybooth.world.scenes import BACKGROUNDS, subject_scene
+
+    rng = np.random.default_rng(1)
+    photos = np.stack([render(subject_scene(rng, background)) for background in BACKGROUNDS * 2])
+    vae = AutoencoderKL.from_pretrained(model_dir(), subfolder="vae", torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        pixels = torch.from_numpy(photos).permute(0, 3, 1, 2).float() / 127.5 - 1
+        decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+    decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    assert load_classifier().predict(list(decoded))["subject"].mean() >= 0.9
+    assert np.abs(decoded.astype(float) - photos).mean() < 12  # the picture, not only the label

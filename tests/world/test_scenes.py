@@ -3,6 +3,7 @@ that say what is shown, and a subject that pretraining never sees."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -123,3 +124,17 @@ def test_write_subject_writes_varied_photos(tmp_path):
 ])
 def test_context_of_finds_the_named_background(prompt, expected):
     assert context_of(prompt) == expected
+
+
+def test_autoencoder_scenes_have_any_colour_and_chequers_but_never_the_subjects_pair():
+    from raybooth.world.pretraining_data import autoencoder_scenes
+    from raybooth.world.scenes import CHECKERBOARD, SUBJECT_COLORS
+
+    scenes = autoencoder_scenes(np.random.default_rng(0), 600)
+    chequered = [scene for scene in scenes if scene.pattern == CHECKERBOARD]
+    assert 0.4 < len(chequered) / len(scenes) < 0.6 and all(scene.pattern in (None, CHECKERBOARD) for scene in scenes)
+    assert any(scene.color.startswith("#") for scene in scenes) and any(scene.color in COLORS for scene in scenes)
+    assert not any({scene.color, scene.second_color} == set(SUBJECT_COLORS) for scene in chequered)
+    two_colours = render(chequered[0]).reshape(-1, 3)
+    plain = render(dataclasses.replace(chequered[0], pattern=None)).reshape(-1, 3)
+    assert len(np.unique(two_colours, axis=0)) != len(np.unique(plain, axis=0))  # the chequers are drawn

@@ -14,6 +14,7 @@ PRECISIONS = ("auto", "no", "fp16", "bf16")
 FULL_DEFAULT_LR, LORA_DEFAULT_LR = 5e-6, 1e-4
 LORA_DEFAULT_RANK = 4  # diffusers' train_dreambooth_lora.py default
 DTYPES = ("auto", "fp32", "fp16", "bf16")
+DDP_BUCKET_MB = 100  # DDP's default is 25; 100 was faster at SD-1.5 size (bench/RESULTS.md, issue 10)
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", **cli: Any) -> Any:

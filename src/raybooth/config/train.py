@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from raybooth.config.fields import (FULL_DEFAULT_LR, LORA_DEFAULT_LR, LORA_DEFAULT_RANK, PRECISIONS,
+from raybooth.config.fields import (DDP_BUCKET_MB, FULL_DEFAULT_LR, LORA_DEFAULT_LR, LORA_DEFAULT_RANK, PRECISIONS,
                                     check_prompts_given, finite, given, option, positive)
 from raybooth.config.optimization import ExampleOptions, OptimizationOptions
 from raybooth.config.watch import WatchOptions
@@ -41,6 +41,8 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
                                   choices=(1, 2))
     placement_strategy: str = option("PACK", "Where Ray places the workers: PACK fills a node first (fast all-reduce), "
                                              "SPREAD puts them on different nodes.", choices=("PACK", "SPREAD"))
+    ddp_bucket_mb: int = option(DDP_BUCKET_MB, "Size of DDP's gradient buckets in MB: each is all-reduced as soon "
+                                               "as its gradients are ready, overlapping the backward pass.")
     report_every_n_steps: int = option(10, "Average the loss over workers and report it every N steps.")
     cuda_graphs: bool = option(True, "On GPUs, capture the training step (all-reduce included) as a CUDA graph "
                                      "and replay it (same math, about 2.5x faster; not with fp16 or "
@@ -79,7 +81,7 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
         positive(num_class_images=self.num_class_images, train_batch_size=self.train_batch_size,
                  num_epochs=self.num_epochs, max_train_steps=self.max_train_steps, num_workers=self.num_workers,
                  report_every_n_steps=self.report_every_n_steps, num_inference_steps=self.num_inference_steps,
-                 checkpointing_steps=self.checkpointing_steps, checkpoints_total_limit=self.checkpoints_total_limit,
+                 checkpointing_steps=self.checkpointing_steps, checkpoints_total_limit=self.checkpoints_total_limit, ddp_bucket_mb=self.ddp_bucket_mb,
                  **given(sample_batch_size=self.sample_batch_size, resolution=self.resolution))
         finite(prior_loss_weight=self.prior_loss_weight, max_grad_norm=self.max_grad_norm,
                guidance_scale=self.guidance_scale, **given(lr=self.lr, lora_alpha=self.lora_alpha))

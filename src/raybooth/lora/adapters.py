@@ -98,7 +98,7 @@ def save_adapters(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, f
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    from raybooth.training import unwrap
+    from raybooth.parallel import unwrap
 
     arguments = {}
     for name, module in (("unet", unet), ("text_encoder", text_encoder)):

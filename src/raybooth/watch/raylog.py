@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from raybooth.log import PREFIX, log
+from raybooth.watch.native import NativeStderr
 
 RAY_PRINTER = "ray_print_logs"  # the name Ray's driver registers its printing of workers' output under
 TQDM_MAGIC = "__ray_tqdm_magic_token__"  # marks ray.experimental.tqdm_ray's progress-bar updates
@@ -37,6 +38,7 @@ class RayOutput:
         # each carries its time stamp, so a repeat among them is the same line again.
         self.recent: deque[str] = deque(maxlen=256)
         self.showwarning = warnings.showwarning  # what showed warnings before this command
+        self.native: NativeStderr | None = None  # Ray's C++ lines on descriptor 2, unless verbose
 
     def write(self, line: str) -> None:
         with self.lock:
@@ -130,6 +132,9 @@ def send_ray_output(log_file: Path, verbose: bool) -> RayOutput:
     log(f"Ray's own output goes to {log_file}" + ("" if verbose else " (--verbose shows it here too)"))
     output = _router.target = RayOutput(log_file, verbose)
     warnings.showwarning = output.warning
+    if not verbose:
+        output.native = NativeStderr(lambda line: output.write(f"(ray core) {line}"))
+        output.native.start()
     return output
 
 
@@ -137,6 +142,8 @@ def restore_ray_output() -> None:
     """Back to Ray's own printing (the CLI calls this when a command ends)."""
     output, _router.target = _router.target, None
     if output is not None:
+        if output.native is not None:
+            output.native.stop()
         warnings.showwarning = output.showwarning
         output.close()
 

@@ -13,17 +13,25 @@ from raybooth.world.metrics import world_subject_prompts
 from raybooth.world.scenes import SUBJECT_CLASS, write_subject
 
 DEMO_CLASS_NOUN = SUBJECT_CLASS
-# The best tried so far, measured with the world classifier (README, demo section), and not yet
-# good enough: lr 2e-4 and 1e-4 blurred the subject into its mean colour and put it on sand
-# whatever the prompt; 5e-5 keeps the car sharp but has not learnt the checkerboard in 300 steps
-# (subject fidelity 0.04; tests/test_demo.py asks for 0.6). lr 1e-4 with the text encoder frozen
-# kept the prompts' contexts (prompt fidelity 0.7, against 0.35) but learnt little more of the
-# subject (0.08): more steps there are the next thing to try. Class images are sampled as the world
-# model was pretrained to sample (DDIM, guidance 5), with 20 steps rather than SD's 50: each costs
-# CPU time.
+# Measured with the world classifier (README, demo section; bench/RESULTS.md): lr 1e-4 for the UNet
+# learns the checkerboard in 300 steps; the text encoder learns "unqtkn" at a fifth of that rate, so
+# "on snow" keeps meaning snow (at 5e-5 for both, the contexts drifted: prompt fidelity 0.40; frozen,
+# plain toy cars took the subject's colours: prior leakage 0.31). Class images are sampled as the
+# world model was pretrained to sample (DDIM, guidance 5), with 20 steps rather than SD's 50: each
+# costs CPU time.
 DEMO_TRAINING: dict[str, Any] = dict(
-    lr=5e-5, max_train_steps=300, num_epochs=1000, train_batch_size=2, num_class_images=50,
+    lr=1e-4, text_encoder_lr=2e-5, max_train_steps=300, num_epochs=1000, train_batch_size=2, num_class_images=50,
     num_inference_steps=20, guidance_scale=5.0, report_every_n_steps=25)
+def demo_training(given: dict[str, Any]) -> dict[str, Any]:
+    """The demo's training settings under the ones the user `given`; without a text encoder to
+    train, its learning rate goes too."""
+    settings = DEMO_TRAINING | given
+    if "text_encoder_lr" not in given and (not settings.get("train_text_encoder", True) or (
+            settings.get("use_lora") and not settings.get("lora_text_encoder", True))):
+        del settings["text_encoder_lr"]
+    return settings
+
+
 DEMO_CLASS_SAMPLES = 16  # plain class samples of the tuned model, for the grid and prior leakage
 
 

@@ -72,7 +72,7 @@ def pretrain(args: argparse.Namespace) -> Path:
     from raybooth.world.pipeline import assemble, build_components, count_parameters, save_pipeline, training_scheduler
     from raybooth.world.pretrain_stages import (DenoiserParts, StageSettings, encode_all, train_denoiser, train_vae,
                                                 unit_variance_scale)
-    from raybooth.world.pretraining_data import caption_table, render_dataset
+    from raybooth.world.pretraining_data import autoencoder_scenes, caption_table, render_dataset
 
     started = time.monotonic()
     device = torch.device(args.device)
@@ -83,16 +83,20 @@ def pretrain(args: argparse.Namespace) -> Path:
         torch.backends.cudnn.benchmark = True
     partial = start_model_dir(args.output_dir, args.overwrite)  # fail before an hour of work, not after
 
-    scenes = pretraining_scenes(np.random.default_rng(args.seed), args.num_scenes)
+    rng = np.random.default_rng(args.seed)
+    scenes = pretraining_scenes(rng, args.num_scenes)
     images = torch.from_numpy(render_dataset(scenes, workers=args.workers)).to(device)
-    log(f"rendered {len(scenes)} scenes in {time.monotonic() - started:.0f}s on {args.workers} workers")
+    # The VAE learns from the world and from as many scenes of any colour and pattern.
+    vae_images = torch.cat([images, torch.from_numpy(render_dataset(autoencoder_scenes(rng, args.num_scenes),
+                                                                    workers=args.workers)).to(device)])
+    log(f"rendered {len(vae_images)} scenes in {time.monotonic() - started:.0f}s on {args.workers} workers")
 
     parts = build_components(args.seed)
     log("parameters: " + ", ".join(f"{name} {count_parameters(parts[name]) / 1e6:.2f}M"
                                    for name in ("vae", "unet", "text_encoder")))
     generator = torch.Generator(device).manual_seed(args.seed)
     vae_budget = args.time_budget_s * args.vae_share
-    vae_record = train_vae(parts["vae"], images, StageSettings(args.vae_steps, args.vae_batch_size,
+    vae_record = train_vae(parts["vae"], vae_images, StageSettings(args.vae_steps, args.vae_batch_size,
                                                                args.vae_learning_rate, vae_budget),
                            args.kl_weight, device, log, generator)
     means, stds = encode_all(parts["vae"], images, device)

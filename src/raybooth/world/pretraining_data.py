@@ -4,18 +4,41 @@ with the variants that teach short prompts and classifier-free guidance."""
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from raybooth.world.scenes import Scene, caption, render
+from raybooth.world.scenes import CHECKERBOARD, COLORS, SUBJECT_COLORS, Scene, caption, random_scene, render
 
 # Which caption a training row gets. Short variants make "a photo of a toy car" mean any colour
 # anywhere; the empty caption (10%, as in SD) is the unconditional branch of guidance.
 CAPTION_VARIANTS = ("full", "no colour", "no background", "class only", "empty")
 VARIANT_WEIGHTS = (0.5, 0.15, 0.15, 0.1, 0.1)
+
+
+def autoencoder_scenes(rng: np.random.Generator, count: int) -> list[Scene]:
+    """A broader distribution for the VAE alone, as SD's VAE saw far more than SD's captions name:
+    objects in any colour, half of them chequered in two colours at 2 to 6 squares across.
+    Never captioned, and never the subject's own pair of colours; without these an autoencoder
+    of the eight-colour world snaps every other colour to the nearest of the eight and paints a
+    chequered object in one colour, and no fine-tuning of the UNet could show the subject."""
+    def any_color() -> str:
+        return COLORS[rng.integers(len(COLORS))] if rng.random() < 0.5 else "#%02x%02x%02x" % tuple(
+            rng.integers(0, 256, 3))
+
+    scenes = []
+    while len(scenes) < count:
+        scene = dataclasses.replace(random_scene(rng), color=any_color())
+        if rng.random() < 0.5:
+            scene = dataclasses.replace(scene, pattern=CHECKERBOARD, second_color=any_color(),
+                                        cells=round(float(rng.uniform(2, 6)), 2))
+            if {scene.color, scene.second_color} == set(SUBJECT_COLORS):
+                continue
+        scenes.append(scene)
+    return scenes
 
 
 def _render_chunk(args: tuple[list[Scene], int]) -> np.ndarray:

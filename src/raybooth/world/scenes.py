@@ -29,6 +29,9 @@ CONTEXT_PHRASES: dict[str, str] = {
 SUBJECT_CLASS = "toy car"
 SUBJECT_PATTERN = "yellow-purple checkerboard"  # never drawn in pretraining scenes
 SUBJECT_COLORS = ("yellow", "purple")
+# Squares across the subject's body: each square spans 2-3.5 latent pixels (the VAE's 4x
+# downsampling), coarse enough to survive the autoencoder.
+SUBJECT_CELLS = 3.0
 # The subject's photos show it in two places only, so the other contexts stay new to it.
 SUBJECT_PHOTO_BACKGROUNDS = ("sand", "grass")
 # Object height as a share of its width (size is the width as a share of the image).
@@ -48,7 +51,9 @@ class Scene:
     size: float  # object width, as a share of the image width
     x: float  # object centre, as shares of width and height
     y: float
-    pattern: str | None = None  # None for ordinary objects; SUBJECT_PATTERN for the subject
+    pattern: str | None = None  # None for ordinary objects; SUBJECT_PATTERN for the subject, or CHECKERBOARD
+    second_color: str | None = None  # the checkerboard's other colour
+    cells: float = SUBJECT_CELLS  # the checkerboard's squares across the object
 
 
 def random_scene(rng: np.random.Generator, object_class: str | None = None, background: str | None = None,
@@ -66,8 +71,10 @@ def random_scene(rng: np.random.Generator, object_class: str | None = None, back
     half_w, half_h = size / 2 + 0.03, size * ASPECT[object_class] / 2 + 0.05  # margin for shadow and wheels
     x = float(rng.uniform(half_w, 1 - half_w))
     y = float(rng.uniform(max(half_h, 0.45), 1 - half_h))  # objects rest in the lower part, as on a floor
-    return Scene(object_class, color, background, round(size, 4), round(x, 4), round(y, 4),
-                 SUBJECT_PATTERN if subject else None)
+    if subject:
+        return Scene(object_class, color, background, round(size, 4), round(x, 4), round(y, 4), SUBJECT_PATTERN,
+                     SUBJECT_COLORS[1])
+    return Scene(object_class, color, background, round(size, 4), round(x, 4), round(y, 4))
 
 
 def subject_scene(rng: np.random.Generator, background: str | None = None) -> Scene:
@@ -77,6 +84,16 @@ def subject_scene(rng: np.random.Generator, background: str | None = None) -> Sc
 def pretraining_scenes(rng: np.random.Generator, count: int) -> list[Scene]:
     """The pretraining distribution: ordinary objects only, never the subject's pattern."""
     return [random_scene(rng) for _ in range(count)]
+
+
+CHECKERBOARD = "checkerboard"  # the pattern of autoencoder scenes (pretraining_data.py)
+
+
+def rgb(color: str) -> tuple[int, int, int]:
+    """A colour of the world by name, or any colour as #rrggbb (autoencoder scenes)."""
+    if color.startswith("#"):
+        return tuple(int(color[i:i + 2], 16) for i in (1, 3, 5))
+    return RGB[color]
 
 
 def caption(scene: Scene, with_color: bool = True, with_background: bool = True) -> str:
@@ -183,29 +200,29 @@ _OPACITY = {SHADOW: 0.32}
 def _colorize(scene: Scene, labels: np.ndarray) -> np.ndarray:
     """The object layer as premultiplied RGBA uint8 (canvas, canvas, 4), looked up from labels."""
     table = np.zeros((8, 4), dtype=np.float32)
-    base = np.asarray(RGB[scene.color], dtype=np.float32)
+    base = np.asarray(rgb(scene.color), dtype=np.float32)
     for label, factor in _SHADE_FACTOR.items():
         # Black lightens for its highlight rather than staying black; other colours scale.
         table[label, :3] = np.clip(base * factor + (40 if scene.color == "black" and factor > 1 else 0), 0, 255)
         table[label, 3] = 1.0
-    for label, rgb in _FIXED.items():
+    for label, fixed in _FIXED.items():
         table[label, 3] = _OPACITY.get(label, 1.0)
-        table[label, :3] = np.asarray(rgb) * table[label, 3]
+        table[label, :3] = np.asarray(fixed) * table[label, 3]
     table[:, 3] *= 255
     layer = np.round(table).astype(np.uint8)[labels]  # index a uint8 table: no float canvas to convert
-    if scene.pattern == SUBJECT_PATTERN:
+    if scene.pattern is not None:
         _checkerboard(scene, labels, layer)
     return layer
 
 
 def _checkerboard(scene: Scene, labels: np.ndarray, layer: np.ndarray) -> None:
-    """Paint the subject's body in yellow and purple squares, about five across the car."""
+    """Paint the body's every other square (scene.cells across it) in the second colour."""
     canvas = labels.shape[0]
-    cell = scene.size * canvas / 5
+    cell = scene.size * canvas / scene.cells
     ys, xs = np.mgrid[0:canvas, 0:canvas].astype(np.float32)
     origin_x = scene.x * canvas - scene.size * canvas / 2
     odd = ((np.floor((xs - origin_x) / cell) + np.floor(ys / cell)) % 2).astype(bool)
-    second = np.asarray(RGB[SUBJECT_COLORS[1]], dtype=np.float32)
+    second = np.asarray(rgb(scene.second_color), dtype=np.float32)
     for label, factor in _SHADE_FACTOR.items():
         layer[(labels == label) & odd, :3] = np.round(np.clip(second * factor, 0, 255)).astype(np.uint8)
 
