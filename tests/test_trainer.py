@@ -137,7 +137,9 @@ def test_ctrl_c_during_training_says_so_exits_130_and_leaves_nothing(tiny_model_
     class_dir = write_solid_images(tmp_path / "class", (0, 0, 200), 4)[0].parent
     args = train_args(tiny_model_dir, tmp_path / "tuned", subject_dir, class_dir, "--max_train_steps", "100000",
                       "--num_epochs", "100000", "--no_use_gpu")
-    run = subprocess.Popen([sys.executable, "-m", "raybooth", *args], stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal's Ctrl-C: a shell that started the suite in the background ignores it.
+    run = subprocess.Popen([sys.executable, "-m", "raybooth", *args], stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in run.stderr:  # wait until training is under way
         lines.append(line)

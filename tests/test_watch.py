@@ -72,6 +72,16 @@ os.write(2, b"after the command\\n")
     assert "(ray core) E core_worker.cc:2465: Actor with class name" in (tmp_path / "ray.log").read_text()
 
 
+def test_restoring_leaves_a_stderr_redirected_since_alone(tmp_path):
+    """A command that did not restore (train() called directly) is restored by the next one,
+    perhaps inside a caller's redirect of sys.stderr: that stream is not raybooth's to close."""
+    send_ray_output(tmp_path / "ray.log", verbose=False)
+    with contextlib.redirect_stderr(io.StringIO()) as caught:
+        restore_ray_output()
+        caught.write("still open")
+    assert caught.getvalue() == "still open"
+
+
 def test_a_line_of_ours_forwarded_twice_is_shown_once(tmp_path):
     output = RayOutput(tmp_path / "ray.log", verbose=False, bars=False)
     printed = []

@@ -164,7 +164,8 @@ def train_worker(loop_config: dict) -> None:
                 save_trained_modules(models, folder)
             Path(folder, TRAINING_LOG).write_text(json.dumps({
                 "raybooth_version": __version__, "mixed_precision": precision.mode, "world_size": world_size,
-                "learning_rate": learning_rates(cfg, world_size)[0], "config": dataclasses.asdict(cfg), "history": losses.history}, indent=1, default=str))
+                "learning_rate": learning_rates(cfg, world_size)[0], "config": dataclasses.asdict(cfg),
+                "history": losses.history}, indent=1, default=str))
             checkpoint = None if direct else ray.train.Checkpoint.from_directory(scratch)
         say("saved")
         watch.mark("save")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from raybooth.config.fields import (DDP_BUCKET_MB, FULL_DEFAULT_LR, LORA_DEFAULT_LR, LORA_DEFAULT_RANK, PRECISIONS,
-                                    check_prompts_given, finite, given, option, positive)
+from raybooth.config.fields import (DDP_BUCKET_MB, FULL_DEFAULT_LR, LORA_DEFAULT_LR, LORA_DEFAULT_RANK,
+                                    PRECISIONS, check_prompts_given, finite, given, option, positive)
 from raybooth.config.optimization import ExampleOptions, OptimizationOptions
 from raybooth.config.watch import WatchOptions
 from raybooth.errors import RayboothError
@@ -81,7 +81,8 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
         positive(num_class_images=self.num_class_images, train_batch_size=self.train_batch_size,
                  num_epochs=self.num_epochs, max_train_steps=self.max_train_steps, num_workers=self.num_workers,
                  report_every_n_steps=self.report_every_n_steps, num_inference_steps=self.num_inference_steps,
-                 checkpointing_steps=self.checkpointing_steps, checkpoints_total_limit=self.checkpoints_total_limit, ddp_bucket_mb=self.ddp_bucket_mb,
+                 checkpointing_steps=self.checkpointing_steps, checkpoints_total_limit=self.checkpoints_total_limit,
+                 ddp_bucket_mb=self.ddp_bucket_mb,
                  **given(sample_batch_size=self.sample_batch_size, resolution=self.resolution))
         finite(prior_loss_weight=self.prior_loss_weight, max_grad_norm=self.max_grad_norm,
                guidance_scale=self.guidance_scale, **given(lr=self.lr, lora_alpha=self.lora_alpha))

@@ -26,6 +26,7 @@ class NativeStderr:
         self.write_line = write_line
         self.terminal: int | None = None  # descriptor 2 as it was
         self.python_stderr = None
+        self.replacement = None  # our sys.stderr on the terminal's descriptor, when we set one
         self.reader: threading.Thread | None = None
 
     def start(self) -> None:
@@ -40,8 +41,9 @@ class NativeStderr:
         self.terminal = terminal
         self.python_stderr = sys.stderr
         if _writes_to_descriptor_2(sys.stderr):  # Python's writes keep going where they went
-            sys.stderr = open(os.dup(terminal), "w", buffering=1, encoding=getattr(sys.stderr, "encoding", None),
-                              errors="backslashreplace")
+            self.replacement = open(os.dup(terminal), "w", buffering=1, errors="backslashreplace",
+                                    encoding=getattr(sys.stderr, "encoding", None))
+            sys.stderr = self.replacement
         self.reader = threading.Thread(target=self._copy, args=(read_end,), daemon=True, name="raybooth-native-stderr")
         self.reader.start()
 
@@ -53,9 +55,12 @@ class NativeStderr:
     def stop(self) -> None:
         if self.terminal is None:
             return
-        if sys.stderr is not self.python_stderr:
-            sys.stderr.close()
+        # Only our own stream is put back: whatever else sys.stderr is now (a caller's redirect,
+        # made after this started) is not ours to close or replace.
+        if self.replacement is not None and sys.stderr is self.replacement:
             sys.stderr = self.python_stderr
+            self.replacement.close()
+        self.replacement = None
         os.dup2(self.terminal, 2)  # closes the pipe's last write end here: the reader reads to its end
         os.close(self.terminal)
         self.terminal = None
