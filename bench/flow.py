@@ -1,7 +1,8 @@
 """The seed's whole flow through raybooth's own CLI on one GPU, with Ray, timed, beside the anchor
 (diffusers-style step and pipeline, ../shared/bench) in the same run. SD-1.5-sized random
 weights, 512 px, 4 photos, 200 class images, 800 steps at batch 1+1 with the text encoder, 20
-samples. Writes flow.json and the logs to OUT_DIR.
+samples; then `raybooth generate` of 200 class images and `raybooth train` of 100 steps alone.
+Writes flow.json and the logs to OUT_DIR.
 
     python bench/flow.py MODEL_DIR ANCHOR_DIR OUT_DIR     # MODEL_DIR from bench/sd15.py
 """
@@ -75,6 +76,13 @@ def main(model_dir: str, anchor_dir: str, out_dir: str) -> None:
         "--work_dir", str(work / "run"), "--sample_prompts", *SAMPLE_PROMPTS, "--num_samples_per_prompt", "4"], out)
     report["run"] = {"wall_s": flow["wall_s"], "exit": flow["exit"], "timeline": timeline(flow["log"]),
                      "steps_per_s": steady_steps_per_s(flow["log"])}
+    save()
+    # `generate` alone: 200 class images through Ray Data, from the command's start to each batch.
+    generated = run("raybooth-generate", raybooth + [
+        "generate", "--model_dir", model_dir, "--output_dir", str(work / "generated"), "--prompts", "a photo of a dog",
+        "--num_samples_per_prompt", "200"], out)
+    report["generate_200"] = {"wall_s": generated["wall_s"], "exit": generated["exit"],
+                              "timeline": timeline(generated["log"])}
     save()
     # `train` alone, the class images now in place: its fixed cost is wall time minus the steps.
     steps = 100

@@ -3,8 +3,9 @@ start-up costs (Ray, a Ray Train worker group, model loading), the training step
 graph, cached class latents, channels_last, batch size and MFU) and generation (batch size,
 fused QKV, sampler and its solver error). Prints one JSON line per measurement.
 
-    python bench/levers.py MODEL_DIR [SECTION ...]    # sections: startup load step mfu generate
-                                                      # and, each in a fresh process: first, first-channels-last
+    python bench/levers.py MODEL_DIR [SECTION ...]    # sections: startup load step mfu generate samplers
+                                                      # samplers-no-cudnn-attention; each in a fresh process:
+                                                      # first, first-channels-last, first-no-cudnn-attention
 """
 
 from __future__ import annotations
@@ -55,6 +56,18 @@ def startup() -> None:
 
 
 def load(model_dir: str) -> None:
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    profiler.enable()
+    load_for_training(model_dir, DEVICE, DEVICE, torch.bfloat16, True)
+    torch.cuda.synchronize()
+    profiler.disable()
+    emit(what="load_for_training, first in a fresh process, profiled", s=round(time.perf_counter() - started, 1))
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
     for attempt in range(2):
         torch.cuda.synchronize()
         started = time.perf_counter()
@@ -130,9 +143,13 @@ def measure_step(model_dir: str, name: str, pairs: int = 1, graph: bool = False,
 
 
 
-def first_step(model_dir: str, channels_last: bool) -> None:
+def first_step(model_dir: str, channels_last: bool, cudnn_attention: bool = True) -> None:
     """The first step's cost (kernel loading, library heuristics) and the graphed step after it, in
-    a fresh process: what a run pays once, against what channels_last saves per step."""
+    a fresh process: what a run pays once. The first eager step runs under the profiler, whose
+    table of host time per op says where that time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
     precision = Precision("bf16", DEVICE)
     models = load_for_training(model_dir, DEVICE, DEVICE, precision.frozen_dtype, True)
     if channels_last:
@@ -143,17 +160,55 @@ def first_step(model_dir: str, channels_last: bool) -> None:
                        lambda: optimizer.zero_grad(set_to_none=True))
     torch.cuda.synchronize()
     started = time.perf_counter()
-    step(batch).total.item()
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        step(batch).total.item()
     first = time.perf_counter() - started
-    for _ in range(5):  # the other warm-up steps and the capture
-        step(batch)
+    table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    calls = []
+    for _ in range(5):  # the other warm-up steps, then the capture and first replay
+        started = time.perf_counter()
+        step(batch).total.item()
+        calls.append(round(time.perf_counter() - started, 2))
     torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(50):
         loss = step(batch)
     loss.total.item()
-    emit(what="first step", channels_last=channels_last, first_step_s=round(first, 1),
+    emit(what="first step", channels_last=channels_last, cudnn_attention=cudnn_attention,
+         first_step_s=round(first, 1), next_calls_s=calls,
          graph_step_ms=round((time.perf_counter() - started) / 50 * 1e3, 1))
+    print(table, flush=True)
+
+
+def samplers(model_dir: str, cudnn_attention: bool = True) -> None:
+    """Class images as raybooth generate makes them (bf16 pipeline, batch 16 and 32): the model's
+    own 50-step sampler against DPM-Solver++ at 25 and 20 steps; the first call's time too."""
+    from diffusers import StableDiffusionPipeline
+
+    from raybooth.generate import use_sampler
+
+    pipeline = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None,
+                                                       requires_safety_checker=False).to(DEVICE, torch.bfloat16)
+    pipeline.set_progress_bar_config(disable=True)
+    torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
+    started = time.perf_counter()
+    pipeline(["a photo of a dog"] * 16, num_inference_steps=2, output_type="np")
+    emit(what="first pipeline call, batch 16, 2 steps", cudnn_attention=cudnn_attention,
+         s=round(time.perf_counter() - started, 2))
+    own = pipeline.scheduler
+    for sampler, steps in (("model", 50), ("dpm++", 25), ("dpm++", 20)):
+        pipeline.scheduler = own
+        use_sampler(pipeline, sampler)
+        for batch in (16, 32):
+            prompts = ["a photo of a dog"] * batch
+            pipeline(prompts, num_inference_steps=3, output_type="np")
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            pipeline(prompts, num_inference_steps=steps, guidance_scale=7.5, output_type="np")
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
+            emit(what="sampler", cudnn_attention=cudnn_attention, sampler=sampler, scheduler=type(pipeline.scheduler).__name__, steps=steps,
+                 batch=batch, s=round(seconds, 2), images_per_s=round(batch / seconds, 2))
 
 
 def matmul_peak() -> float:
@@ -220,8 +275,9 @@ def generate(model_dir: str) -> None:
 if __name__ == "__main__":
     model_dir, sections = sys.argv[1], set(sys.argv[2:]) or {"startup", "load", "step", "mfu", "generate"}
     emit(what="versions", torch=torch.__version__, gpu=torch.cuda.get_device_name())
-    if "first" in sections or "first-channels-last" in sections:
-        first_step(model_dir, channels_last="first-channels-last" in sections)
+    if sections & {"first", "first-channels-last", "first-no-cudnn-attention"}:
+        first_step(model_dir, channels_last="first-channels-last" in sections,
+                   cudnn_attention="first-no-cudnn-attention" not in sections)
     if "startup" in sections:
         startup()
     if "load" in sections:
@@ -243,3 +299,5 @@ if __name__ == "__main__":
                 break
     if "generate" in sections:
         generate(model_dir)
+    if sections & {"samplers", "samplers-no-cudnn-attention"}:
+        samplers(model_dir, cudnn_attention="samplers-no-cudnn-attention" not in sections)

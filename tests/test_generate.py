@@ -10,8 +10,8 @@ from PIL import Image
 
 from raybooth.config import GenerateConfig
 from raybooth.errors import RayboothError
-from raybooth.generate import (ImageGenerator, encode_pngs, generate, generated_for, image_name, image_seed,
-                               missing_images)
+from raybooth.generate import (GENERATE_RAY_LOG, ImageGenerator, encode_pngs, generate, generated_for, image_name,
+                               image_seed, missing_images)
 from raybooth.images import image_files
 
 PROMPTS = ["a photo of a toy car", "a toy car on the beach"]
@@ -38,7 +38,8 @@ def test_generate_writes_n_images_per_prompt_and_resumes(ray_cluster, tiny_model
     output = tmp_path / "images"
     paths = generate(settings(tiny_model_dir, output))
     assert sorted(paths) == sorted(output / image_name(p, i) for p in PROMPTS for i in range(3))
-    assert sorted(output.iterdir()) == sorted(paths)  # and nothing else: no partial files
+    # ... and nothing else but the hidden Ray log: no partial files
+    assert sorted(p for p in output.iterdir() if p.name != GENERATE_RAY_LOG) == sorted(paths)
     assert all(Image.open(p).size == (64, 64) for p in paths)
     pixels = {p: np.asarray(Image.open(p), dtype=np.int16) for p in paths}
     assert len({a.tobytes() for a in pixels.values()}) == 6  # every image its own noise
@@ -55,7 +56,7 @@ def test_generate_writes_n_images_per_prompt_and_resumes(ray_cluster, tiny_model
 
     # Asking for more per prompt adds the new indices only.
     generate(settings(tiny_model_dir, output, num_samples_per_prompt=4))
-    assert len(list(output.iterdir())) == 8
+    assert len(image_files(output)) == 8
 
 
 def test_bad_generate_input_fails_before_ray(tmp_path, tiny_model_dir):
@@ -85,8 +86,8 @@ def test_generate_attaches_to_a_running_cluster_through_ray_address(ray_cluster,
 
 
 def test_the_generator_actor_uses_the_device_it_was_given(tiny_model_dir):
-    generator = ImageGenerator(str(tiny_model_dir), use_gpu=False, dtype="auto", num_inference_steps=2,
-                               guidance_scale=7.5, resolution=64, safety_checker=False)
+    generator = ImageGenerator(str(tiny_model_dir), use_gpu=False, dtype="auto", sampler="dpm++",
+                               num_inference_steps=2, guidance_scale=7.5, resolution=64, safety_checker=False)
     assert generator.device == "cpu" and generator.pipeline.unet.dtype == torch.float32
     assert generator.pipeline.safety_checker is None
     out = generator({"prompt": np.array(PROMPTS), "seed": np.array([1, 2]), "file": np.array(["a.png", "b.png"])})
@@ -94,3 +95,29 @@ def test_the_generator_actor_uses_the_device_it_was_given(tiny_model_dir):
     assert [image.shape for image in out["image"]] == [(64, 64, 3)] * 2 and out["image"][0].dtype == np.uint8
     pngs = encode_pngs({"file": np.array(out["file"]), "image": out["image"]})["png"]
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(pngs[1]))), out["image"][1])
+
+
+def test_dpm_solver_is_the_default_sampler_and_model_keeps_the_folders_own(tiny_model_dir):
+    from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
+
+    from raybooth.config.fields import inference_steps
+
+    assert GenerateConfig(model_dir=tiny_model_dir, output_dir=tiny_model_dir, prompts=PROMPTS).sampler == "dpm++"
+    assert inference_steps("dpm++", None) == 20 and inference_steps("model", None) == 50
+    assert inference_steps("model", 7) == 7
+    row = {"prompt": np.array(PROMPTS[:1]), "seed": np.array([3]), "file": np.array(["a.png"])}
+    made = {}
+    for sampler in ("dpm++", "model"):
+        actor = ImageGenerator(str(tiny_model_dir), use_gpu=False, dtype="auto", sampler=sampler,
+                               num_inference_steps=3, guidance_scale=7.5, resolution=64, safety_checker=False)
+        made[sampler] = actor(row)["image"][0].astype(np.int16)
+        expected = DPMSolverMultistepScheduler if sampler == "dpm++" else PNDMScheduler
+        assert type(actor.pipeline.scheduler) is expected
+    # DPM-Solver++ runs on the model's own noise schedule (the tiny model's PNDM config).
+    assert actor.pipeline.scheduler.config.beta_schedule == "scaled_linear"
+    assert np.abs(made["dpm++"] - made["model"]).max() > 0  # the sampler does change the image
+
+
+def test_steps_must_be_positive_when_given(tmp_path, tiny_model_dir):
+    with pytest.raises(RayboothError, match="--num_inference_steps must be at least 1"):
+        settings(tiny_model_dir, tmp_path, num_inference_steps=0).validate()

@@ -68,8 +68,8 @@ def generated(lora_run, tmp_path_factory):
 
 def render(model_dir: Path, **lora) -> np.ndarray:
     """The prompt's first image as a `raybooth generate` actor makes it."""
-    actor = ImageGenerator(str(model_dir), use_gpu=False, dtype="auto", num_inference_steps=2, guidance_scale=7.5,
-                           resolution=64, **lora)
+    actor = ImageGenerator(str(model_dir), use_gpu=False, dtype="auto", sampler="dpm++", num_inference_steps=2,
+                           guidance_scale=7.5, resolution=64, **lora)
     out = actor({"prompt": np.array([PROMPT]), "seed": np.array([image_seed(0, PROMPT, 0)]), "file": np.array(["x"])})
     return out["image"][0].astype(np.int16)
 

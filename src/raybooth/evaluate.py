@@ -15,6 +15,7 @@ from PIL import Image
 
 from raybooth.config import GenerateConfig
 from raybooth.config.evaluate import EvaluateConfig
+from raybooth.config.fields import inference_steps
 from raybooth.errors import RayboothError
 from raybooth.generate import generate, generated_for, image_name
 from raybooth.images import find_images, read_rgb
@@ -60,7 +61,8 @@ def make_samples(cfg: EvaluateConfig, model_dir: Path, counts: dict[str, int], f
     for count in sorted(set(counts.values())):
         generate(GenerateConfig(
             model_dir=model_dir, output_dir=folder, prompts=[p for p, c in counts.items() if c == count],
-            num_samples_per_prompt=count, batch_size=cfg.batch_size, num_inference_steps=cfg.num_inference_steps,
+            num_samples_per_prompt=count, batch_size=cfg.batch_size, sampler=cfg.sampler,
+            num_inference_steps=cfg.num_inference_steps,
             guidance_scale=cfg.guidance, seed=cfg.seed, dtype=cfg.dtype, safety_checker=False,
             lora_weights_dir=cfg.lora_weights_dir, use_gpu=cfg.use_gpu, address=cfg.address, verbose=cfg.verbose))
     return {prompt: [read_rgb(folder / image_name(prompt, index)) for index in range(count)]
@@ -159,7 +161,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                            "lora_weights_dir": cfg.lora_weights_dir and str(cfg.lora_weights_dir),
                            "class_noun": cfg.class_noun, "unique_token": cfg.unique_token,
                            "subject_prompts": prompts, "class_prompt": plain, "num_samples": cfg.num_samples,
-                           "num_class_samples": cfg.class_sample_count, "num_inference_steps": cfg.num_inference_steps,
+                           "num_class_samples": cfg.class_sample_count, "sampler": cfg.sampler,
+                           "num_inference_steps": inference_steps(cfg.sampler, cfg.num_inference_steps),
                            "guidance_scale": cfg.guidance, "seed": cfg.seed}
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

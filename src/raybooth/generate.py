@@ -11,16 +11,15 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 from PIL import Image
 
 from raybooth.cluster import check_fits, cluster_resource, connect, cpus_per_worker, decide_use_gpu
 from raybooth.config import GenerateConfig
+from raybooth.config.fields import inference_steps
 from raybooth.errors import RayboothError
 from raybooth.log import log, quiet_model_libraries
-from raybooth.lora import check_lora_dir, fuse_adapters, load_adapters
+from raybooth.lora import check_lora_dir, load_adapters
 from raybooth.models import resolve_model_dir, resolve_resolution
 from raybooth.prompts import check_prompt_lengths
 from raybooth.watch.progress import ImageProgress, terminal_shows_bars
@@ -86,11 +85,21 @@ def pipeline_settings(num_inference_steps: int, guidance_scale: float, resolutio
                 width=resolution)
 
 
+def use_sampler(pipeline, sampler: str) -> None:
+    """dpm++: DPM-Solver++ (2M) in place of the model's own scheduler, on the same noise schedule
+    (its config); model: the scheduler as the model folder has it."""
+    if sampler == "dpm++":
+        from diffusers import DPMSolverMultistepScheduler
+
+        pipeline.scheduler = DPMSolverMultistepScheduler.from_config(
+            pipeline.scheduler.config, algorithm_type="dpmsolver++", solver_order=2)
+
+
 class ImageGenerator:
     """A Ray Data actor: loads the pipeline once, then renders batches of rows."""
 
-    def __init__(self, model_dir: str, use_gpu: bool, dtype: str, num_inference_steps: int, guidance_scale: float,
-                 resolution: int, safety_checker: bool = True, lora_weights: str | None = None,
+    def __init__(self, model_dir: str, use_gpu: bool, dtype: str, sampler: str, num_inference_steps: int,
+                 guidance_scale: float, resolution: int, safety_checker: bool = True, lora_weights: str | None = None,
                  lora_scale: float = 1.0):
         quiet_model_libraries()
         from diffusers import StableDiffusionPipeline
@@ -103,6 +112,7 @@ class ImageGenerator:
         if lora_weights:
             load_adapters(self.pipeline, Path(lora_weights), lora_scale)
         self.pipeline.set_progress_bar_config(disable=True)
+        use_sampler(self.pipeline, sampler)
         self.settings = pipeline_settings(num_inference_steps, guidance_scale, resolution)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -165,7 +175,9 @@ def generate(cfg: GenerateConfig) -> list[Path]:
         ImageGenerator, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_worker(actors, use_gpu),
         fn_constructor_kwargs=dict(model_dir=str(model_dir), use_gpu=use_gpu, dtype=cfg.dtype, resolution=resolution,
-                                   num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                                   sampler=cfg.sampler,
+                                   num_inference_steps=inference_steps(cfg.sampler, cfg.num_inference_steps),
+                                   guidance_scale=cfg.guidance_scale,
                                    safety_checker=cfg.safety_checker,
                                    lora_weights=lora_weights, lora_scale=cfg.lora_scale)
     ).map_batches(encode_pngs, batch_size=None)
@@ -176,80 +188,3 @@ def generate(cfg: GenerateConfig) -> list[Path]:
         progress.update(1)
     progress.close()
     return wanted
-
-
-def pipeline_from_models(models, model_dir: Path, safety_checker: bool = False):
-    """A generation pipeline over a training worker's modules, in the dtype and on the device that
-    `raybooth generate` would load them with, so a seed gives the same image either way. The
-    trained modules are copied (they stay fp32 for training), LoRA adapters fused into the copy
-    as `raybooth generate --lora_weights_dir` fuses them; frozen modules are shared."""
-    import copy
-
-    from diffusers import StableDiffusionPipeline
-
-    from raybooth.parallel import unwrap
-
-    device = models.device
-    dtype = inference_dtype("auto", device.type)
-
-    def for_inference(module):
-        module = unwrap(module)
-        if module.dtype == dtype and module.device == device and not any(p.requires_grad for p in module.parameters()):
-            return module
-        return fuse_adapters(copy.deepcopy(module)).to(device, dtype).eval().requires_grad_(False)
-
-    without_checker = {} if safety_checker else dict(safety_checker=None, requires_safety_checker=False)
-    # A text encoder freed by --pre_compute_text_embeddings is loaded again from model_dir.
-    text_encoder = {} if models.text_encoder is None else {"text_encoder": for_inference(models.text_encoder)}
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        model_dir, unet=for_inference(models.unet), vae=for_inference(models.vae), **text_encoder,
-        **without_checker).to(device, dtype)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-def write_pngs(folder: str, files: list[str], images: list[np.ndarray]) -> None:
-    for file, image in zip(files, images):
-        write_atomically(Path(folder) / file, png_bytes(Image.fromarray(image)))
-
-
-def render_on_worker(pipeline, rows: list[dict], folder: Path, batch_size: int, settings: dict, what: str,
-                     say: Callable[[str], None], bar: bool = False) -> list[np.ndarray]:
-    """Images for `rows` (prompt, seed, file) from a worker's pipeline, written to `folder` whole
-    or not at all. PNG encoding runs in Ray tasks: in threads here it held up the GPU's work."""
-    import ray
-
-    writer = ray.remote(write_pngs)
-    device = pipeline.device.type
-    images: list[np.ndarray] = []
-    written = []
-    progress = ImageProgress(len(rows), what, say, bar)
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        made = render(pipeline, chunk, device, settings)
-        written.append(writer.remote(str(folder), [row["file"] for row in chunk], made))
-        images += made
-        progress.update(len(made))
-    ray.get(written)
-    progress.close()
-    return images
-
-
-def make_images_on_worker(models, model_dir: Path, rows: list[dict], folder: Path, cfg, resolution: int, what: str,
-                          say: Callable[[str], None], safety_checker: bool = False,
-                          bar: bool = False) -> list[np.ndarray]:
-    """A training worker's share of images (class images before training, samples after), made
-    with the modules it holds rather than a second copy of the model in another process; with
-    `bar`, a progress bar in the driver's terminal."""
-    if not rows:
-        return []
-    import torch
-
-    pipeline = pipeline_from_models(models, model_dir, safety_checker)
-    batch_size = cfg.sample_batch_size or default_batch_size(models.device.type == "cuda")
-    settings = pipeline_settings(cfg.num_inference_steps, cfg.guidance_scale, resolution)
-    images = render_on_worker(pipeline, rows, folder, batch_size, settings, what, say, bar)
-    del pipeline
-    if models.device.type == "cuda":
-        torch.cuda.empty_cache()
-    return images

@@ -3,7 +3,9 @@ the offending file, before any Ray task or GPU is involved."""
 
 from __future__ import annotations
 
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +55,9 @@ def find_images(folder: Path, role: str, may_be_empty: bool = False, resolution:
         return []
     if not files:
         raise RayboothError(f"{role} folder {folder} holds no images")
-    for path in files:
-        size, transparent = check_image(path)
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+        checked = list(pool.map(check_image, files))
+    for path, (size, transparent) in zip(files, checked):
         if transparent:
             log(f"warning: {path} has transparency; it is flattened onto white")
         if resolution and min(size) < resolution:

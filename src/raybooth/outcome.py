@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from raybooth.config import TrainConfig
 from raybooth.config.evaluate import EvaluateConfig
+from raybooth.config.fields import inference_steps
 from raybooth.evaluate import image_grid, json_ready, measure, report
 from raybooth.generate import image_name
 from raybooth.images import find_images, read_rgb
@@ -75,7 +76,8 @@ def finish_run(outcome: Outcome, train_cfg: TrainConfig, samples_dir: Path) -> d
             unique_token=outcome.unique_token, num_samples=outcome.samples_per_prompt,
             num_class_samples=outcome.num_class_samples, metrics=outcome.metrics,
             clip_model_dir=outcome.clip_model_dir, dino_model_dir=outcome.dino_model_dir,
-            lora_weights_dir=lora_weights_dir, num_inference_steps=train_cfg.num_inference_steps,
+            lora_weights_dir=lora_weights_dir, sampler=train_cfg.sampler,
+            num_inference_steps=train_cfg.num_inference_steps,
             guidance_scale=train_cfg.guidance_scale, seed=seed, batch_size=train_cfg.sample_batch_size,
             use_gpu=train_cfg.use_gpu, address=train_cfg.address, verbose=train_cfg.verbose)
 
@@ -105,7 +107,8 @@ def finish_run(outcome: Outcome, train_cfg: TrainConfig, samples_dir: Path) -> d
                            "unique_token": outcome.unique_token, "subject_prompts": outcome.prompts,
                            "samples_per_prompt": count, "class_prompt": plain,
                            "num_class_samples": outcome.num_class_samples,
-                           "num_inference_steps": train_cfg.num_inference_steps,
+                           "sampler": train_cfg.sampler,
+                           "num_inference_steps": inference_steps(train_cfg.sampler, train_cfg.num_inference_steps),
                            "guidance_scale": train_cfg.guidance_scale, "seed": train_cfg.seed,
                            "class_samples_seed": after_cfg.seed}
     (outcome.work_dir / EVALUATION_FILE).write_text(json.dumps(results, indent=2) + "\n")

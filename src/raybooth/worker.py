@@ -26,11 +26,11 @@ import torch
 
 from raybooth import __version__, lora
 from raybooth.batches import TrainingSet, pairing
-from raybooth.checkpoints import check_settings, checkpoint_name, read_state, restore, write_checkpoint
+from raybooth.checkpoint_writer import CheckpointWriter
+from raybooth.checkpoints import check_settings, read_state, restore
 from raybooth.config import TrainConfig
 from raybooth.data import read_all, tokenize
 from raybooth.errors import RayboothError
-from raybooth.generate import make_images_on_worker
 from raybooth.graphs import GraphedStep
 from raybooth.log import log, quiet_model_libraries, set_clock
 from raybooth.losslog import LossLog
@@ -39,9 +39,10 @@ from raybooth.optim import (build_optimization, enable_gradient_checkpointing, l
                             precompute_prompt_embeddings)
 from raybooth.parallel import data_parallel
 from raybooth.sampling import WorkerSamples
-from raybooth.stepping import make_step, use_cuda_graph
+from raybooth.stepping import make_step, train_with_flash_attention, use_cuda_graph
 from raybooth.training import Precision
 from raybooth.watch.monitor import RunWatch
+from raybooth.worker_images import make_images_on_worker
 
 OUTPUT_TOKEN = ".raybooth-output"  # in the output's partial folder: rank 0 writes there if it sees it
 
@@ -103,6 +104,7 @@ def train_worker(loop_config: dict) -> None:
                                      bar=plan.progress_bars and rank == 0)
         tokenizer = load_tokenizer(model_dir)
         instance_images, class_images = reading.result()
+        say(f"read {len(instance_images)} instance images and this worker's {len(class_images)} class images")
     training_set = TrainingSet(
         instance_images, class_images + made, plan.resolution,
         pairing(len(instance_images), len(class_images) + len(made), plan.pairs_per_worker, rank, world_size),
@@ -119,6 +121,7 @@ def train_worker(loop_config: dict) -> None:
     if cfg.pre_compute_text_embeddings:
         training_set.prompt_embeds = precompute_prompt_embeddings(models, training_set.prompt_ids, precision)
         say("prompts encoded once; the text encoder is freed")
+    train_with_flash_attention(device)
     graph = use_cuda_graph(cfg, precision, device, text_encoder_device, say)
     graph_stream = torch.cuda.Stream(device) if graph else None
     if world_size > 1:
@@ -132,6 +135,7 @@ def train_worker(loop_config: dict) -> None:
     first_step, position = resume(plan, rank, models, optimization, losses, say)
     say(f"training on {world_size} worker(s), {device.type}, mixed precision {precision.mode}, "
         f"{'CUDA graph, ' if isinstance(step, GraphedStep) else ''}{losses.total_steps} steps")
+    checkpoints = CheckpointWriter(rank, plan.settings, say)
     watch.mark("setup")
 
     # Train.
@@ -141,7 +145,7 @@ def train_worker(loop_config: dict) -> None:
         if step_number == first_step + 1:
             say(f"first step done, loss {losses.pending[-1][2][0].item():.4f}")
         if step_number % cfg.checkpointing_steps == 0 and step_number < losses.total_steps:
-            save_checkpoint(plan, rank, models, optimization, losses, training_set.position(), step_number, say)
+            checkpoints.save(models, optimization, losses.flush(), losses.history, training_set.position(), step_number)
         elif step_number % cfg.report_every_n_steps == 0:
             ray.train.report(losses.flush())  # a barrier across workers: hence only every N steps
         watch.after_step(step_number, models, losses)  # rank 0: a validation grid when one is due
@@ -202,21 +206,6 @@ def resume(plan: TrainPlan, rank: int, models, optimizer, losses: LossLog, say) 
         step, losses.history, position = restore(Path(folder), rank, models, optimizer)
     say(f"resumed at step {step} from the checkpoint {checkpoint.path}")
     return step, position
-
-
-def save_checkpoint(plan: TrainPlan, rank: int, models, optimizer, losses: LossLog, position: dict, step: int,
-                    say) -> None:
-    """Write the state locally, then let Ray Train upload it in the background: training waits
-    only for the write."""
-    metrics = losses.flush()
-    started = time.monotonic()
-    folder = tempfile.mkdtemp(prefix="raybooth-checkpoint-")
-    write_checkpoint(Path(folder), rank, models, optimizer, step, losses.history, position, plan.settings)
-    say(f"checkpoint at step {step} written in {time.monotonic() - started:.1f} s")
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                     checkpoint_dir_name=checkpoint_name(step),
-                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-                     delete_local_checkpoint_after_upload=True)
 
 
 def read_images(rank: int, class_paths: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:

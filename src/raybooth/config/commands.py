@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from raybooth.config.fields import DTYPES, check_prompts_given, finite, given, option, positive
+from raybooth.config.fields import (DTYPES, SAMPLER_HELP, SAMPLERS, STEPS_HELP, check_prompts_given, finite, given,
+                                    option, positive)
 from raybooth.config.watch import VERBOSE_HELP
 
 @dataclass
@@ -29,7 +30,8 @@ class GenerateConfig:
     prompts: list[str] = option(help="One or more prompts.", nargs="+")
     num_samples_per_prompt: int = option(1, "Images per prompt.")
     batch_size: int | None = option(None, "Images per pipeline call on each worker (default: 16 on GPU, 4 on CPU).")
-    num_inference_steps: int = option(50, "Denoising steps per image.")
+    sampler: str = option("dpm++", SAMPLER_HELP, choices=SAMPLERS)
+    num_inference_steps: int | None = option(None, STEPS_HELP)
     guidance_scale: float = option(7.5, "Classifier-free guidance scale.")
     resolution: int | None = option(None, "Image side in pixels (default: the model's native size).")
     seed: int = option(0, "Base seed; each image's seed derives from it, its prompt and its index.")
@@ -48,8 +50,9 @@ class GenerateConfig:
                                 hidden=True)
 
     def validate(self) -> None:
-        positive(num_samples_per_prompt=self.num_samples_per_prompt, num_inference_steps=self.num_inference_steps,
-                 **given(batch_size=self.batch_size, resolution=self.resolution))
+        positive(num_samples_per_prompt=self.num_samples_per_prompt,
+                 **given(batch_size=self.batch_size, resolution=self.resolution,
+                         num_inference_steps=self.num_inference_steps))
         finite(guidance_scale=self.guidance_scale, lora_scale=self.lora_scale)
         check_prompts_given("--prompts", self.prompts)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from raybooth.config.fields import DTYPES, check_prompts_given, finite, given, option, positive
+from raybooth.config.fields import (DTYPES, SAMPLER_HELP, SAMPLERS, STEPS_HELP, check_prompts_given, finite, given,
+                                    option, positive)
 from raybooth.config.watch import VERBOSE_HELP
 from raybooth.errors import RayboothError
 
@@ -34,7 +35,8 @@ class EvaluateConfig:
                                                "found as --clip_model_dir is.")
     classifier: Path | None = option(None, "World classifier weights for --metrics world (default: the shipped one).")
     lora_weights_dir: Path | None = option(None, "A LoRA adapter to apply to --model_dir.")
-    num_inference_steps: int = option(25, "Denoising steps per sample.")
+    sampler: str = option("dpm++", SAMPLER_HELP, choices=SAMPLERS)
+    num_inference_steps: int | None = option(None, STEPS_HELP)
     guidance_scale: float | None = option(None, "Classifier-free guidance scale (default: 5 with --metrics world, "
                                                 "as the world model was pretrained to sample, else SD's 7.5).")
     seed: int = option(0, "Base seed of the samples.")
@@ -60,8 +62,9 @@ class EvaluateConfig:
         return self.num_class_samples or 4 * self.num_samples
 
     def validate(self) -> None:
-        positive(num_samples=self.num_samples, num_inference_steps=self.num_inference_steps,
-                 **given(num_class_samples=self.num_class_samples, batch_size=self.batch_size))
+        positive(num_samples=self.num_samples,
+                 **given(num_class_samples=self.num_class_samples, batch_size=self.batch_size,
+                         num_inference_steps=self.num_inference_steps))
         finite(guidance_scale=self.guidance)
         if self.prompts is not None:
             check_prompts_given("--prompts", self.prompts)

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raybooth.config.fields import (DDP_BUCKET_MB, FULL_DEFAULT_LR, LORA_DEFAULT_LR, LORA_DEFAULT_RANK,
-                                    PRECISIONS, check_prompts_given, finite, given, option, positive)
+                                    PRECISIONS, SAMPLER_HELP, SAMPLERS, STEPS_HELP, check_prompts_given, finite,
+                                    given, option, positive)
 from raybooth.config.optimization import ExampleOptions, OptimizationOptions
 from raybooth.config.watch import WatchOptions
 from raybooth.errors import RayboothError
@@ -70,7 +71,8 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
     overwrite: bool = option(False, "Replace a model already in --output_dir.")
     sample_batch_size: int | None = option(None, "Batch size for generating missing class images "
                                                  "(default: 16 on GPU, 4 on CPU).")
-    num_inference_steps: int = option(50, "Denoising steps for generated class images.")
+    sampler: str = option("dpm++", SAMPLER_HELP + " For class images and samples.", choices=SAMPLERS)
+    num_inference_steps: int | None = option(None, STEPS_HELP)
     guidance_scale: float = option(7.5, "Guidance scale for generated class images (and samples).")
     sample_prompts: list[str] | None = option(None, "After training, sample these prompts with the tuned model, "
                                                     "on the workers while it is in memory.", nargs="+")
@@ -80,10 +82,11 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
     def validate(self) -> None:
         positive(num_class_images=self.num_class_images, train_batch_size=self.train_batch_size,
                  num_epochs=self.num_epochs, max_train_steps=self.max_train_steps, num_workers=self.num_workers,
-                 report_every_n_steps=self.report_every_n_steps, num_inference_steps=self.num_inference_steps,
+                 report_every_n_steps=self.report_every_n_steps,
                  checkpointing_steps=self.checkpointing_steps, checkpoints_total_limit=self.checkpoints_total_limit,
                  ddp_bucket_mb=self.ddp_bucket_mb,
-                 **given(sample_batch_size=self.sample_batch_size, resolution=self.resolution))
+                 **given(sample_batch_size=self.sample_batch_size, resolution=self.resolution,
+                         num_inference_steps=self.num_inference_steps))
         finite(prior_loss_weight=self.prior_loss_weight, max_grad_norm=self.max_grad_norm,
                guidance_scale=self.guidance_scale, **given(lr=self.lr, lora_alpha=self.lora_alpha))
         if self.lr is not None and self.lr <= 0:

@@ -17,11 +17,12 @@ DEMO_CLASS_NOUN = SUBJECT_CLASS
 # learns the checkerboard in 300 steps; the text encoder learns "unqtkn" at a fifth of that rate, so
 # "on snow" keeps meaning snow (at 5e-5 for both, the contexts drifted: prompt fidelity 0.40; frozen,
 # plain toy cars took the subject's colours: prior leakage 0.31). Class images are sampled as the
-# world model was pretrained to sample (DDIM, guidance 5), with 20 steps rather than SD's 50: each
-# costs CPU time.
+# world model was pretrained to sample (its own DDIM, guidance 5), with 20 steps: each costs CPU time.
 DEMO_TRAINING: dict[str, Any] = dict(
     lr=1e-4, text_encoder_lr=2e-5, max_train_steps=300, num_epochs=1000, train_batch_size=2, num_class_images=50,
-    num_inference_steps=20, guidance_scale=5.0, report_every_n_steps=25)
+    sampler="model", num_inference_steps=20, guidance_scale=5.0, report_every_n_steps=25)
+
+
 def demo_training(given: dict[str, Any]) -> dict[str, Any]:
     """The demo's training settings under the ones the user `given`; without a text encoder to
     train, its learning rate goes too."""

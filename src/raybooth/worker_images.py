@@ -1,0 +1,95 @@
+"""Images made on the training workers (class images before training, samples after, validation
+grids), with the modules a worker holds rather than a second copy of the model in another
+process; named, seeded and rendered as `raybooth generate` makes them, so a seed gives the same
+image either way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from raybooth.config.fields import inference_steps
+from raybooth.generate import (default_batch_size, inference_dtype, pipeline_settings, png_bytes, render,
+                               use_sampler, write_atomically)
+from raybooth.lora import fuse_adapters
+from raybooth.watch.progress import ImageProgress
+
+
+def pipeline_from_models(models, model_dir: Path, sampler: str, safety_checker: bool = False):
+    """A generation pipeline over a training worker's modules, in the dtype and on the device that
+    `raybooth generate` would load them with, so a seed gives the same image either way. The
+    trained modules are copied (they stay fp32 for training), LoRA adapters fused into the copy
+    as `raybooth generate --lora_weights_dir` fuses them; frozen modules are shared."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+
+    from raybooth.parallel import unwrap
+
+    device = models.device
+    dtype = inference_dtype("auto", device.type)
+
+    def for_inference(module):
+        module = unwrap(module)
+        if module.dtype == dtype and module.device == device and not any(p.requires_grad for p in module.parameters()):
+            return module
+        return fuse_adapters(copy.deepcopy(module)).to(device, dtype).eval().requires_grad_(False)
+
+    without_checker = {} if safety_checker else dict(safety_checker=None, requires_safety_checker=False)
+    # A text encoder freed by --pre_compute_text_embeddings is loaded again from model_dir.
+    text_encoder = {} if models.text_encoder is None else {"text_encoder": for_inference(models.text_encoder)}
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        model_dir, unet=for_inference(models.unet), vae=for_inference(models.vae), **text_encoder,
+        **without_checker).to(device, dtype)
+    pipeline.set_progress_bar_config(disable=True)
+    use_sampler(pipeline, sampler)
+    return pipeline
+
+
+def write_pngs(folder: str, files: list[str], images: list[np.ndarray]) -> None:
+    for file, image in zip(files, images):
+        write_atomically(Path(folder) / file, png_bytes(Image.fromarray(image)))
+
+
+def render_on_worker(pipeline, rows: list[dict], folder: Path, batch_size: int, settings: dict, what: str,
+                     say: Callable[[str], None], bar: bool = False) -> list[np.ndarray]:
+    """Images for `rows` (prompt, seed, file) from a worker's pipeline, written to `folder` whole
+    or not at all. PNG encoding runs in Ray tasks: in threads here it held up the GPU's work."""
+    import ray
+
+    writer = ray.remote(write_pngs)
+    device = pipeline.device.type
+    images: list[np.ndarray] = []
+    written = []
+    progress = ImageProgress(len(rows), what, say, bar)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        made = render(pipeline, chunk, device, settings)
+        written.append(writer.remote(str(folder), [row["file"] for row in chunk], made))
+        images += made
+        progress.update(len(made))
+    ray.get(written)
+    progress.close()
+    return images
+
+
+def make_images_on_worker(models, model_dir: Path, rows: list[dict], folder: Path, cfg, resolution: int, what: str,
+                          say: Callable[[str], None], safety_checker: bool = False,
+                          bar: bool = False) -> list[np.ndarray]:
+    """A training worker's share of images (class images before training, samples after); with
+    `bar`, a progress bar in the driver's terminal."""
+    if not rows:
+        return []
+    import torch
+
+    pipeline = pipeline_from_models(models, model_dir, cfg.sampler, safety_checker)
+    batch_size = cfg.sample_batch_size or default_batch_size(models.device.type == "cuda")
+    settings = pipeline_settings(inference_steps(cfg.sampler, cfg.num_inference_steps), cfg.guidance_scale, resolution)
+    images = render_on_worker(pipeline, rows, folder, batch_size, settings, what, say, bar)
+    del pipeline
+    if models.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return images

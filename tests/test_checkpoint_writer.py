@@ -1,0 +1,63 @@
+"""Checkpoints written while training goes on: the snapshot is a copy (later steps do not leak
+into it), and it is written in place on local storage, or into scratch and uploaded elsewhere."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import ray.train
+import torch
+
+from raybooth.checkpoint_writer import write_to_storage
+from raybooth.checkpoints import OPTIMIZER, STATE, TRAINED, read_state, restore, snapshot
+from raybooth.models import load_for_training
+from raybooth.training import make_optimizer
+
+CPU = torch.device("cpu")
+
+
+def trained(tiny_model_dir):
+    models = load_for_training(tiny_model_dir, CPU, CPU, torch.float32, True)
+    optimizer = make_optimizer(models.trainable_parameters(), 1e-3)
+    for parameter in models.trainable_parameters():
+        parameter.grad = torch.randn_like(parameter)
+    optimizer.step()
+    return models, optimizer
+
+
+def test_a_snapshot_keeps_the_state_of_its_step_while_training_goes_on(tiny_model_dir, tmp_path):
+    models, optimizer = trained(tiny_model_dir)
+    history = [{"step": 1, "loss": 0.5}]
+    state = snapshot(0, models, optimizer, 1, history, {"next": 1}, {"num_workers": 1})
+    before = [parameter.detach().clone() for parameter in models.trainable_parameters()]
+    optimizer.step()  # training goes on: weights, AdamW's moments and the history change
+    history.append({"step": 2, "loss": 0.4})
+    storage = SimpleNamespace(storage_filesystem=SimpleNamespace(type_name="local"), experiment_fs_path=str(tmp_path))
+    persisted = write_to_storage(storage, None, "step-0000001", 0, state)
+
+    folder = tmp_path / "step-0000001"
+    assert Path(persisted.path) == folder
+    assert {TRAINED, OPTIMIZER, STATE, "rng-0.pt"} <= {p.name for p in folder.iterdir()}
+    assert read_state(folder)["history"] == [{"step": 1, "loss": 0.5}]
+    fresh, fresh_optimizer = trained(tiny_model_dir)
+    restore(folder, 0, fresh, fresh_optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(before, fresh.trainable_parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(before, models.trainable_parameters()))
+
+
+def test_on_cloud_storage_the_snapshot_goes_to_scratch_and_is_uploaded(tiny_model_dir, tmp_path):
+    models, optimizer = trained(tiny_model_dir)
+    uploads = []
+
+    uploaded = tmp_path / "bucket"
+
+    def persist_current_checkpoint(checkpoint, name):  # what Ray Train's StorageContext does, in a folder
+        uploads.append((sorted(p.name for p in Path(checkpoint.path).iterdir()), name))
+        return ray.train.Checkpoint.from_directory(uploaded / name)
+
+    storage = SimpleNamespace(storage_filesystem=SimpleNamespace(type_name="s3"), experiment_fs_path="bucket/run",
+                              persist_current_checkpoint=persist_current_checkpoint)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    state = snapshot(1, models, optimizer, 3, [], {}, {})  # rank 1: its random state alone
+    persisted = write_to_storage(storage, ray.train.Checkpoint.from_directory(scratch), "step-0000003", 1, state)
+    assert uploads == [(["rng-1.pt"], "step-0000003")] and Path(persisted.path) == uploaded / "step-0000003"
