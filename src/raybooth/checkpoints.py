@@ -75,8 +75,9 @@ def snapshot(rank: int, models, optimizer, step: int, history: list, data_positi
 
 def to_host(value):
     """A copy of a state dict (nested dicts, lists, tuples) whose tensors live in host memory.
-    GPU tensors go to page-locked memory, queued without waiting: several times faster than
-    copying each into fresh pageable memory (8 s for SD-1.5's 12 GB of state on an H100)."""
+    GPU tensors go to page-locked memory, queued without waiting. Pinning SD-1.5's 12 GB took as
+    long as copying into fresh pageable memory (9 s on an H100's host), but PyTorch keeps the
+    pinned memory for the next checkpoint, whose copy took 0.2 s."""
     if isinstance(value, torch.Tensor):
         if value.device.type != "cuda":
             return value.clone()

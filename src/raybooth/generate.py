@@ -11,6 +11,7 @@ import math
 import os
 import re
 from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -177,8 +178,7 @@ def generate(cfg: GenerateConfig) -> list[Path]:
         fn_constructor_kwargs=dict(model_dir=str(model_dir), use_gpu=use_gpu, dtype=cfg.dtype, resolution=resolution,
                                    sampler=cfg.sampler,
                                    num_inference_steps=inference_steps(cfg.sampler, cfg.num_inference_steps),
-                                   guidance_scale=cfg.guidance_scale,
-                                   safety_checker=cfg.safety_checker,
+                                   guidance_scale=cfg.guidance_scale, safety_checker=cfg.safety_checker,
                                    lora_weights=lora_weights, lora_scale=cfg.lora_scale)
     ).map_batches(encode_pngs, batch_size=None)
     progress = ImageProgress(len(todo), "images", log, terminal_shows_bars(), every=math.ceil(len(todo) / 10),

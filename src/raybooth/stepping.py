@@ -19,8 +19,8 @@ DDP_GRAPH_WARMUP_STEPS = 11
 def train_with_flash_attention(device: torch.device) -> None:
     """cuDNN's attention, PyTorch's first choice on an H100, builds a plan for each attention call
     the first time it runs: 7.7 s of the first training step at SD-1.5 size, for 2.8 ms a step
-    saved later (bench/RESULTS.md). Flash attention needs no plan. Set after the class images:
-    for generation cuDNN's is 8% faster and its plans come with the first batch."""
+    saved later (bench/RESULTS.md). Flash attention needs no plan. Set after the class images,
+    which keep PyTorch's own choice (not measured against flash on one machine)."""
     if device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
 
