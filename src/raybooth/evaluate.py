@@ -18,7 +18,7 @@ from raybooth.config.evaluate import EvaluateConfig
 from raybooth.config.fields import inference_steps
 from raybooth.errors import RayboothError
 from raybooth.generate import generate, generated_for, image_name
-from raybooth.images import find_images, read_rgb
+from raybooth.images import SHEET_PNG, find_images, read_rgb
 from raybooth.log import log
 from raybooth.models import resolve_model_dir
 from raybooth.prompts import class_prompt
@@ -170,5 +170,5 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     rows = [real_images[:columns]] + [samples[i:i + cfg.num_samples][:columns]
                                       for i in range(0, len(samples), cfg.num_samples)]
     rows += [class_samples[i:i + columns] for i in range(0, min(len(class_samples), 2 * columns), columns)]
-    image_grid(rows, samples[0].shape[0]).save(output_dir / "samples.png")
+    image_grid(rows, samples[0].shape[0]).save(output_dir / "samples.png", **SHEET_PNG)
     return metrics

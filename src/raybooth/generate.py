@@ -126,9 +126,9 @@ def encode_pngs(batch: dict[str, np.ndarray]) -> dict[str, list]:
     return {"file": list(batch["file"]), "png": [png_bytes(Image.fromarray(image)) for image in batch["image"]]}
 
 
-def png_bytes(image) -> bytes:
+def png_bytes(image, **options) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, **({"format": "PNG"} | options))
     return buffer.getvalue()
 
 

@@ -16,6 +16,10 @@ from raybooth.log import log
 
 # What Ray Data's read_images reads, plus webp.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
+# Sheets of many samples (grids, reports) are encoded at zlib level 1, not PIL's 6: a grid of 7x9
+# cells of 512 px took 1.0 s rather than 4.5 s, for 36% more bytes (bench/png_encoding.py); the
+# run waits for them.
+SHEET_PNG = {"format": "PNG", "compress_level": 1}
 
 
 def image_files(folder: Path) -> list[Path]:

@@ -26,7 +26,7 @@ from raybooth.config.evaluate import EvaluateConfig
 from raybooth.config.fields import inference_steps
 from raybooth.evaluate import image_grid, json_ready, measure, report
 from raybooth.generate import image_name
-from raybooth.images import find_images, read_rgb
+from raybooth.images import SHEET_PNG, find_images, read_rgb
 from raybooth.log import log
 from raybooth.sampling import SampleSet
 
@@ -141,7 +141,7 @@ def draw_grid(path: Path, photos: list[np.ndarray], prompts: list[str], before: 
         for line_number, line in enumerate(wrap(label, font, LABEL_WIDTH - 6)[:size // 12]):
             draw.text((3, top + line_number * 12), line, fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
+    sheet.save(path, **SHEET_PNG)
 
 
 def wrap(text: str, font, width: int) -> list[str]:

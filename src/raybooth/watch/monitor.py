@@ -13,6 +13,7 @@ from PIL import Image
 
 from raybooth.config.watch import METRICS_FILE
 from raybooth.generate import png_bytes, write_atomically
+from raybooth.images import SHEET_PNG
 from raybooth.watch.folders import VALIDATION_DIR
 from raybooth.watch.tensorboard import Board
 from raybooth.watch.validation import grid, sample_validation_images
@@ -46,7 +47,7 @@ class RunWatch:
         image = grid(sample_validation_images(models, Path(self.plan.model_dir), self.cfg, self.plan.resolution))
         path = self.folder / VALIDATION_DIR / f"step-{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, png_bytes(Image.fromarray(image)))
+        write_atomically(path, png_bytes(Image.fromarray(image), **SHEET_PNG))  # training waits for it
         self.board.image("validation", step, image)
         elapsed = time.monotonic() - started
         self.phases["validation"] += elapsed

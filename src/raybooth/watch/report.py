@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from raybooth.config.watch import METRICS_FILE, REPORT_FILE
-from raybooth.images import open_image
+from raybooth.images import SHEET_PNG, open_image
 from raybooth.log import log
 from raybooth.models import TRAINING_LOG
 from raybooth.watch.folders import RunLogs
@@ -69,7 +69,7 @@ def draw_report(path: Path, photos: list[Path], grids: list[Path], samples: list
     info = PngInfo()
     info.add_text("panels", json.dumps(boxes))
     info.add_text("made", time.strftime("%Y-%m-%d %H:%M:%S"))
-    page.save(Path(path).with_name(f".{Path(path).name}.partial"), format="PNG", pnginfo=info)
+    page.save(Path(path).with_name(f".{Path(path).name}.partial"), pnginfo=info, **SHEET_PNG)
     Path(path).with_name(f".{Path(path).name}.partial").replace(path)
 
 
