@@ -28,8 +28,8 @@ class CheckpointWriter:
         self.written.set()
 
     def save(self, models, optimizer, metrics: dict, history: list, position: dict, step: int) -> None:
-        started = time.monotonic()
         self.written.wait()
+        started = time.monotonic()  # after the wait: the messages time this checkpoint's copy and write
         state = snapshot(self.rank, models, optimizer, step, history, position, self.settings)
         self.say(f"checkpoint at step {step}: state copied in {time.monotonic() - started:.1f} s; "
                  "writing it while training")
