@@ -4,7 +4,7 @@ all-reduce. SD-1.5-sized random weights, 512 px, batch 1+1 per GPU, UNet and tex
 trained, class latents cached, bf16 autocast, the step captured after DDP's 11 warm-up steps, as
 `raybooth train` runs it. Rank 0 prints one JSON line per variant.
 
-    torchrun --nproc_per_node N bench/ddp_levers.py MODEL_DIR
+    torchrun --nproc_per_node N bench/ddp_levers.py MODEL_DIR [VARIANT ...]   # default: every variant
 
 Each variant loads fresh modules: wrapping a module in DDP a second time would leave the first
 wrapper's hooks on it.
@@ -34,7 +34,7 @@ from raybooth.training import Precision, make_optimizer, train_step
 # (name, bucket MB, gradients as bucket views, comm hook)
 VARIANTS = [("copied-25", 25, False, "none"), ("views-25", 25, True, "none"), ("views-100", 100, True, "none"),
             ("views-25-bf16", 25, True, "bf16"),
-            ("views-100-bf16", 100, True, "bf16")]
+            ("views-100-bf16", 100, True, "bf16"), ("views-200", 200, True, "none"), ("views-400", 400, True, "none")]
 
 
 def copied_gradients(models, stream):
@@ -68,14 +68,15 @@ def measure(model_dir: str, world: int, bucket_mb: int, views: bool, hook: str, 
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
 
 
-def main(model_dir: str) -> None:
+def main(model_dir: str, *names: str) -> None:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     torch.backends.cuda.matmul.allow_tf32 = True
     if world > 1:
         dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=120),
                                 device_id=torch.device("cuda", torch.cuda.current_device()))
-    for name, bucket_mb, views, hook in (VARIANTS if world > 1 else [("single-gpu", 0, True, "none")]):
+    variants = [variant for variant in VARIANTS if not names or variant[0] in names]
+    for name, bucket_mb, views, hook in (variants if world > 1 else [("single-gpu", 0, True, "none")]):
         try:
             row = measure(model_dir, world, bucket_mb, views, hook)
         except Exception as error:  # noqa: BLE001 - a variant that cannot run is a result too
@@ -84,7 +85,8 @@ def main(model_dir: str) -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         if rank == 0:
-            print(json.dumps(dict(gpus=world, variant=name, **row)), flush=True)
+            nccl = {key: value for key, value in os.environ.items() if key.startswith("NCCL_") and "NVLS" not in key}
+            print(json.dumps(dict(gpus=world, variant=name, nccl=nccl, **row)), flush=True)
         if world > 1:
             dist.barrier()
     if world > 1:
@@ -92,4 +94,4 @@ def main(model_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

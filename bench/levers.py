@@ -3,13 +3,14 @@ start-up costs (Ray, a Ray Train worker group, model loading), the training step
 graph, cached class latents, channels_last, batch size and MFU) and generation (batch size,
 fused QKV, sampler and its solver error). Prints one JSON line per measurement.
 
-    python bench/levers.py MODEL_DIR [SECTION ...]    # sections: startup load step mfu generate samplers
+    python bench/levers.py MODEL_DIR [SECTION ...]    # sections: startup load step mfu mfu-compile generate samplers
                                                       # samplers-no-cudnn-attention; each in a fresh process:
                                                       # first, first-channels-last, first-no-cudnn-attention
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -113,7 +114,7 @@ def seconds_per_step(step, batch: Batch, steps: int, warmup: int = 5) -> tuple[f
 
 def measure_step(model_dir: str, name: str, pairs: int = 1, graph: bool = False, cached: bool = False,
                  channels_last: bool = False, benchmark: bool = False, flops: bool = False, steps: int = 20,
-                 peak: float | None = None) -> None:
+                 peak: float | None = None, compiled: bool = False) -> None:
     torch.backends.cudnn.benchmark = benchmark
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -123,15 +124,25 @@ def measure_step(model_dir: str, name: str, pairs: int = 1, graph: bool = False,
         models.unet.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(models.trainable_parameters(), lr=5e-6)
     batch = make_batch(models, pairs, cached)
+    uncompiled = models.unet
+    first_s = None
+    if compiled:  # the UNet's forward and backward compiled by Inductor (its fused element-wise kernels)
+        models.unet = torch.compile(uncompiled)
+        started = time.perf_counter()
+        train_step(models, optimizer, precision, batch, 1.0, 1.0)
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        first_s = round(time.perf_counter() - started, 1)
     eager = lambda b: train_step(models, optimizer, precision, b, 1.0, 1.0)  # noqa: E731
     zero = lambda: optimizer.zero_grad(set_to_none=True)  # noqa: E731
     step = GraphedStep(eager, zero) if graph else (lambda b: (eager(b), zero())[0])
     seconds, loss = seconds_per_step(step, batch, steps)
     row = dict(what="step", name=name, pairs=pairs, step_ms=round(seconds * 1e3, 1),
                images_per_s=round(2 * pairs / seconds, 2), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-               loss=round(loss, 4))
+               loss=round(loss, 4), first_compiled_step_s=first_s)
     if flops:
         from torch.utils.flop_counter import FlopCounterMode
+        models.unet = uncompiled  # FLOPs counted on the eager modules: the same arithmetic
         with FlopCounterMode(display=False) as counter:
             eager(batch)
             zero()
@@ -297,6 +308,18 @@ if __name__ == "__main__":
             except torch.OutOfMemoryError:
                 emit(what="step", pairs=pairs, error="out of memory")
                 break
+    if "mfu-compile" in sections:  # the largest batches, eager and graphed beside compiled
+        peak = matmul_peak()
+        for pairs in (8, 16):
+            for name, options in (("graph + cached", dict(graph=True)), ("compiled UNet + cached", dict(compiled=True)),
+                                  ("compiled UNet + graph + cached", dict(compiled=True, graph=True))):
+                try:
+                    measure_step(model_dir, name, pairs=pairs, cached=True, flops=True, steps=10, peak=peak, **options)
+                except torch.OutOfMemoryError:
+                    emit(what="step", name=name, pairs=pairs, error="out of memory")
+                torch._dynamo.reset()  # compiled code holds the variant's modules
+                gc.collect()
+                torch.cuda.empty_cache()
     if "generate" in sections:
         generate(model_dir)
     if sections & {"samplers", "samplers-no-cudnn-attention"}:

@@ -80,8 +80,8 @@ def train_scaling(model_dir: str, out: Path, gpus: list[int], report: dict, save
     for n in gpus:
         train(f"train-{n}x1", model_dir, out, class_dir, n, 1, 150, extra, report)
         save()
-    one = report["train-1x1"]["images_per_s"]
-    for n in gpus[1:]:
+    one = report.get("train-1x1", {}).get("images_per_s")  # absent where the baseline runs apart
+    for n in (n for n in gpus if n > 1):
         if one and report[f"train-{n}x1"]["images_per_s"]:
             report[f"train_efficiency_{n}gpu"] = round(report[f"train-{n}x1"]["images_per_s"] / (n * one), 3)
 

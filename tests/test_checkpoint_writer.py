@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import ray.train
 import torch
 
-from raybooth.checkpoint_writer import write_to_storage
-from raybooth.checkpoints import OPTIMIZER, STATE, TRAINED, read_state, restore, snapshot
+from raybooth.checkpoint_writer import CheckpointWriter, fits_beside, write_to_storage
+from raybooth.checkpoints import OPTIMIZER, STATE, TRAINED, read_state, restore, snapshot, snapshot_bytes
 from raybooth.models import load_for_training
 from raybooth.training import make_optimizer
 
@@ -61,3 +61,30 @@ def test_on_cloud_storage_the_snapshot_goes_to_scratch_and_is_uploaded(tiny_mode
     state = snapshot(1, models, optimizer, 3, [], {}, {})  # rank 1: its random state alone
     persisted = write_to_storage(storage, ray.train.Checkpoint.from_directory(scratch), "step-0000003", 1, state)
     assert uploads == [(["rng-1.pt"], "step-0000003")] and Path(persisted.path) == uploaded / "step-0000003"
+
+
+def test_reports_hold_back_while_a_checkpoint_is_being_written_and_resume_after():
+    writer = CheckpointWriter(0, {}, lambda message: None)
+    assert not writer.writing()  # no checkpoint yet
+    writer.device = CPU  # what save() sets, with the write handed to Ray Train's upload thread
+    writer.written.clear()
+    assert writer.writing() and writer.writing()
+    writer.written.set()  # the upload thread is done
+    assert not writer.writing()
+    assert writer.device is None  # later reports need no all-reduce until the next checkpoint
+
+
+def test_the_snapshot_size_counts_weights_and_adamw_moments(tiny_model_dir):
+    models, optimizer = trained(tiny_model_dir)
+    weights = sum(p.numel() * p.element_size() for p in models.trainable_parameters())
+    size = snapshot_bytes(models, optimizer)
+    assert 3 * weights <= size <= 3 * weights + 64 * len(list(models.trainable_parameters()))  # + AdamW's step counts
+    assert not fits_beside(models, optimizer)  # on a CPU the copy goes to host memory as ever
+
+
+def test_a_snapshot_on_the_device_is_a_copy_too(tiny_model_dir):
+    models, optimizer = trained(tiny_model_dir)
+    state = snapshot(0, models, optimizer, 1, [], {}, {}, on_device=True)
+    name, tensor = next(iter(state["trained"].items()))
+    original = dict(models.unet.named_parameters())[name.removeprefix("unet.")]
+    assert torch.equal(tensor, original) and tensor.data_ptr() != original.data_ptr()

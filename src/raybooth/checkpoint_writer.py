@@ -1,12 +1,13 @@
-"""Checkpoints written while training goes on. The state is copied into page-locked host memory
-(for SD-1.5's 12 GB of weights and AdamW state on an H100: 9 s the first time, while the memory is
-pinned, 0.2 s after), then Ray Train's upload thread writes it, straight into the run's storage
-folder when this node sees it, so nothing is copied after the write. Written in the loop, a
-checkpoint cost 17-20 s of training; now the ones after the first cost 7.5 s, the steps running
-slower while the write goes on (bench/RESULTS.md, issue 5)."""
+"""Checkpoints written while training goes on. The state is copied (on the GPU when it has room
+for a second copy: milliseconds; else into page-locked host memory: 9 s the first time for SD-1.5's
+12 GB on an H100's host, while the memory is pinned, 0.2 s after), then Ray Train's upload thread
+writes it, straight into the run's storage folder when this node sees it, so nothing is copied
+after the write. Training goes on meanwhile; its metric reports wait until every worker's write
+is done, since Ray Train keeps reports in order and one made now would wait for the write."""
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import threading
 import time
@@ -14,32 +15,43 @@ from pathlib import Path
 from typing import Callable
 
 import ray.train
+import torch
+import torch.distributed as dist
 
-from raybooth.checkpoints import checkpoint_name, snapshot, write_snapshot
+from raybooth.checkpoints import checkpoint_name, snapshot, snapshot_bytes, write_snapshot
+
+DEVICE_HEADROOM = 2 * 2**30  # bytes left free beside a snapshot on the GPU, for the eager parts of a step
 
 
 class CheckpointWriter:
     """One per worker. A checkpoint waits for the last one's write, so at most one copy of the
-    state sits in host memory."""
+    state exists besides the model's own."""
 
     def __init__(self, rank: int, settings: dict, say: Callable[[str], None]):
         self.rank, self.settings, self.say = rank, settings, say
         self.written = threading.Event()
         self.written.set()
+        self.device: torch.device | None = None  # set by a checkpoint: a write may be under way
 
     def save(self, models, optimizer, metrics: dict, history: list, position: dict, step: int) -> None:
         self.written.wait()
         started = time.monotonic()  # after the wait: the messages time this checkpoint's copy and write
-        state = snapshot(self.rank, models, optimizer, step, history, position, self.settings)
-        self.say(f"checkpoint at step {step}: state copied in {time.monotonic() - started:.1f} s; "
+        self.device = models.device
+        on_device = self.rank == 0 and fits_beside(models, optimizer)
+        copy_device = models.device if on_device else None
+        state = snapshot(self.rank, models, optimizer, step, history, position, self.settings, on_device)
+        where = "on the GPU" if on_device else "to host memory"
+        self.say(f"checkpoint at step {step}: state copied {where} in {time.monotonic() - started:.1f} s; "
                  "writing it while training")
         storage = ray.train.get_context().get_storage()
         self.written.clear()
 
         def write(scratch: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
             try:
-                persisted = write_to_storage(storage, scratch, name, self.rank, state)
+                with writing_stream(copy_device):
+                    persisted = write_to_storage(storage, scratch, name, self.rank, state)
             finally:
+                state.clear()  # a snapshot on the GPU frees its memory now
                 self.written.set()
             self.say(f"checkpoint at step {step} written in {time.monotonic() - started:.1f} s")
             return persisted
@@ -48,6 +60,42 @@ class CheckpointWriter:
                          checkpoint_dir_name=checkpoint_name(step),
                          checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC, checkpoint_upload_fn=write,
                          delete_local_checkpoint_after_upload=True)
+
+    def writing(self) -> bool:
+        """Whether any worker is still writing a checkpoint: the same answer on every worker, as
+        each report is a barrier that all of them must enter (the answer is all-reduced)."""
+        if self.device is None:  # no checkpoint since the last time none was being written
+            return False
+        busy = torch.tensor([0.0 if self.written.is_set() else 1.0], device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(busy)
+        if busy.item() > 0:
+            return True
+        self.device = None
+        return False
+
+
+def fits_beside(models, optimizer) -> bool:
+    """Whether the GPU has room for a second copy of the state (with headroom to spare)."""
+    device = models.device
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return snapshot_bytes(models, optimizer) + DEVICE_HEADROOM <= free + cached
+
+
+@contextlib.contextmanager
+def writing_stream(device: torch.device | None):
+    """Copies from the GPU to the host on a stream of their own, after the work queued so far, so
+    that the steps (or samples) on the default stream do not wait for them."""
+    if device is None:
+        yield
+        return
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.default_stream(device))
+    with torch.cuda.stream(stream):
+        yield
 
 
 def write_to_storage(storage, scratch: ray.train.Checkpoint, name: str, rank: int, state: dict) -> ray.train.Checkpoint:

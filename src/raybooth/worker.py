@@ -26,7 +26,7 @@ import torch
 
 from raybooth import __version__, lora
 from raybooth.batches import TrainingSet, pairing
-from raybooth.checkpoint_writer import CheckpointWriter
+from raybooth.checkpoint_writer import CheckpointWriter, writing_stream
 from raybooth.checkpoints import check_settings, read_state, restore
 from raybooth.config import TrainConfig
 from raybooth.data import read_all, tokenize
@@ -74,10 +74,11 @@ def train_worker(loop_config: dict) -> None:
     cfg: TrainConfig = loop_config["config"]
     plan: TrainPlan = loop_config["plan"]
     set_clock(plan.started_at)
-    quiet_model_libraries()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     say = log if rank == 0 else (lambda message: None)
+    say(f"{world_size} worker(s) up; loading the model")  # the time to here is Ray Train's start
+    quiet_model_libraries()
     watch = RunWatch(cfg, plan, rank, say)
 
     # Setup. With two GPUs per worker the text encoder takes the second one.
@@ -95,9 +96,10 @@ def train_worker(loop_config: dict) -> None:
     share = plan.class_shares[rank]
     with ThreadPoolExecutor(1) as pool:
         reading = pool.submit(read_images, rank, [entry["path"] for entry in share if "path" in entry])
+        loading = time.monotonic()
         models = load_for_training(model_dir, device, text_encoder_device, precision.frozen_dtype,
                                    cfg.trains_text_encoder, lora=cfg.use_lora)
-        say(f"model loaded on {device}")
+        say(f"model loaded on {device} in {time.monotonic() - loading:.1f} s")
         # No safety checker: the black images it returns for flagged samples would teach the prior.
         made = make_images_on_worker(models, model_dir, [entry for entry in share if "file" in entry],
                                      Path(plan.class_images_dir), cfg, plan.resolution, "class images", say,
@@ -147,37 +149,45 @@ def train_worker(loop_config: dict) -> None:
         if step_number % cfg.checkpointing_steps == 0 and step_number < losses.total_steps:
             checkpoints.save(models, optimization, losses.flush(), losses.history, training_set.position(), step_number)
         elif step_number % cfg.report_every_n_steps == 0:
-            ray.train.report(losses.flush())  # a barrier across workers: hence only every N steps
+            metrics = losses.flush()  # the loss averaged over workers, and the progress line
+            if not checkpoints.writing():  # Ray Train keeps reports in order: this one would wait for the write
+                ray.train.report(metrics)  # a barrier across workers: hence only every N steps
         watch.after_step(step_number, models, losses)  # rank 0: a validation grid when one is due
 
     # Save: rank 0 writes the trained modules and the loss history into the output's partial
     # folder when it can see it (same node, or shared storage); otherwise Ray Train carries them
-    # to storage as a checkpoint and the driver copies them from there.
+    # to storage as a checkpoint and the driver copies them from there. The samples are made from
+    # the tuned model meanwhile: their pipeline holds copies of the weights that are written.
     metrics = losses.flush()
     watch.mark("train")
     say("training done; saving")
     optimization.finish()  # with --use_ema, the UNet takes the averaged weights
-    with tempfile.TemporaryDirectory() as scratch:
-        checkpoint = None
-        if rank == 0:
-            direct = sees_output(plan)
-            folder = Path(plan.output_partial) if direct else Path(scratch)
-            if cfg.use_lora:
-                lora.save_output(models, folder, cfg, model_dir, plan.resolution)
-            else:
-                save_trained_modules(models, folder)
-            Path(folder, TRAINING_LOG).write_text(json.dumps({
-                "raybooth_version": __version__, "mixed_precision": precision.mode, "world_size": world_size,
-                "learning_rate": learning_rates(cfg, world_size)[0], "config": dataclasses.asdict(cfg),
-                "history": losses.history}, indent=1, default=str))
-            checkpoint = None if direct else ray.train.Checkpoint.from_directory(scratch)
+    history = {"raybooth_version": __version__, "mixed_precision": precision.mode, "world_size": world_size,
+               "learning_rate": learning_rates(cfg, world_size)[0], "config": dataclasses.asdict(cfg),
+               "history": losses.history}
+    with tempfile.TemporaryDirectory() as scratch, ThreadPoolExecutor(1) as saver:
+        folder = Path(plan.output_partial) if rank == 0 and sees_output(plan) else Path(scratch)
+        saving = saver.submit(save_output, models, folder, cfg, plan, history) if rank == 0 else None
+        if make_samples(plan, rank, models, cfg, say, before_training=False):  # each worker makes its share
+            watch.mark("samples")
+        if saving is not None:
+            saving.result()
         say("saved")
         watch.mark("save")
-        # Samples from the tuned model while it is in memory: each worker makes its share.
-        if make_samples(plan, rank, models, cfg, say, before_training=False):
-            watch.mark("samples")
+        checkpoint = ray.train.Checkpoint.from_directory(scratch) if rank == 0 and folder == Path(scratch) else None
         watch.finish(metrics, losses.images_per_step, folder if rank == 0 else None)  # beside the training log
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def save_output(models, folder: Path, cfg: TrainConfig, plan: TrainPlan, history: dict) -> None:
+    """Rank 0's output: the trained modules (or the LoRA adapter) and the training log. Run beside
+    the samples, so its copies to the host go on a stream of their own."""
+    with writing_stream(models.device if models.device.type == "cuda" else None):
+        if cfg.use_lora:
+            lora.save_output(models, folder, cfg, Path(plan.model_dir), plan.resolution)
+        else:
+            save_trained_modules(models, folder)
+    Path(folder, TRAINING_LOG).write_text(json.dumps(history, indent=1, default=str))
 
 
 def make_samples(plan: TrainPlan, rank: int, models, cfg: TrainConfig, say, before_training: bool) -> bool:
