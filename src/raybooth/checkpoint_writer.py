@@ -2,8 +2,9 @@
 for a second copy: milliseconds; else into page-locked host memory: 9 s the first time for SD-1.5's
 12 GB on an H100's host, while the memory is pinned, 0.2 s after), then Ray Train's upload thread
 writes it, straight into the run's storage folder when this node sees it, so nothing is copied
-after the write. Training goes on meanwhile; its metric reports wait until every worker's write
-is done, since Ray Train keeps reports in order and one made now would wait for the write."""
+after the write. Training goes on meanwhile (on an H100 a checkpoint of SD-1.5 costs it about
+1 s; bench/RESULTS.md, issue 5), and the metric reports due before every worker's write is done
+are skipped: Ray Train keeps reports in order, so one made now would wait for the write."""
 
 from __future__ import annotations
 
