@@ -1,6 +1,7 @@
 import torch
 
 from raybooth.config import TrainConfig
+from raybooth.log import clock_start
 from raybooth.losslog import LossLog
 from raybooth.training import Loss
 from raybooth.worker import TrainPlan
@@ -15,6 +16,12 @@ def config(**overrides) -> TrainConfig:
 def plan(pairs_per_worker: int) -> TrainPlan:
     return TrainPlan(model_dir="m", resolution=64, class_images_dir="c", class_shares=[],
                      pairs_per_worker=pairs_per_worker, output_partial="p", output_token="t")
+
+
+def test_workers_stamp_their_lines_on_the_commands_clock_not_from_when_training_was_planned():
+    # The driver's lines count from the command's start; a plan made seconds later (after the
+    # driver's imports) must not start the workers' clock anew, or their lines seem seconds early.
+    assert plan(1).started_at == clock_start()
 
 
 def test_planned_steps_follow_each_workers_share():

@@ -7,6 +7,11 @@ _clock_start = time.time()
 PREFIX = "[raybooth "  # starts each of our lines: how they are told from Ray's in forwarded output
 
 
+def clock_start() -> float:
+    """When this process's clock started: the command's start, in the process that runs it."""
+    return _clock_start
+
+
 def set_clock(start: float) -> None:
     """Count elapsed time from `start` (the command's start, passed to Ray workers)."""
     global _clock_start

@@ -63,7 +63,7 @@ def train(cfg: TrainConfig, extra_samples: tuple[SampleSet, ...] = ()) -> Path:
         shares = share_out(class_entries, cfg.num_workers)
         plan = TrainPlan(
             model_dir=model_dir, resolution=resolution, class_images_dir=class_dir(cfg), class_shares=shares,
-            output_partial=str(partial), output_token=token, started_at=started,
+            output_partial=str(partial), output_token=token,
             pairs_per_worker=max(math.ceil(len(instance_paths) / cfg.num_workers), max(map(len, shares))),
             sample_sets=sample_sets, settings=settings,
             resume_from=resume_from, logs_dir=logs.run, progress_bars=terminal_shows_bars())

@@ -32,7 +32,7 @@ from raybooth.config import TrainConfig
 from raybooth.data import read_all, tokenize
 from raybooth.errors import RayboothError
 from raybooth.graphs import GraphedStep
-from raybooth.log import log, quiet_model_libraries, set_clock
+from raybooth.log import clock_start, log, quiet_model_libraries, set_clock
 from raybooth.losslog import LossLog
 from raybooth.models import TRAINING_LOG, load_for_training, load_tokenizer, save_trained_modules
 from raybooth.optim import (build_optimization, enable_gradient_checkpointing, learning_rates,
@@ -59,7 +59,7 @@ class TrainPlan:
     output_partial: str
     output_token: str
     sample_sets: list[WorkerSamples] = field(default_factory=list)  # made before or after training
-    started_at: float = field(default_factory=time.time)
+    started_at: float = field(default_factory=clock_start)  # the command's: workers' lines share its clock
     settings: dict = field(default_factory=dict)  # what a checkpoint must match to be resumed (checkpoints.fingerprint)
     resume_from: str | None = None  # a checkpoint folder to start from when Ray Train has none of this run
     logs_dir: Path | None = None  # this run's logs folder (TensorBoard, validation grids)

@@ -1,0 +1,51 @@
+"""Issue 5: how long a Ray Train run takes to end after its training function returns, with Ray
+started as raybooth starts it, on one GPU worker: with Ray Train's default callbacks, and without
+its placement-group cleaner (a detached actor that polls the state API, which needs Ray's
+dashboard, and that the controller stops on shutdown, waiting for its poll). Prints JSON lines.
+
+    python bench/teardown.py [RUNS]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from raybooth.cluster import connect
+
+MARK = Path(tempfile.gettempdir(), "raybooth-teardown-mark")
+
+
+def loop(config: dict) -> None:
+    import raybooth.worker  # noqa: F401  (the imports a real worker pays)
+
+    ray.train.report({"step": 1})
+    MARK.write_text(str(time.time()))  # the training function ends now
+
+
+class WithoutCleaner(TorchTrainer):
+    def _create_default_callbacks(self):
+        return [c for c in super()._create_default_callbacks() if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+
+def main(runs: int = 2) -> None:
+    connect()
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    scaling = ray.train.ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker={"CPU": 1})
+    for attempt in range(runs):
+        for name, trainer_class in (("default callbacks", TorchTrainer), ("without the cleaner", WithoutCleaner)):
+            started = time.time()
+            trainer_class(loop, scaling_config=scaling).fit()
+            ended = time.time()
+            print(json.dumps({"variant": name, "attempt": attempt, "fit_s": round(ended - started, 2),
+                              "after_loop_s": round(ended - float(MARK.read_text()), 2)}), flush=True)
+
+
+if __name__ == "__main__":
+    main(*map(int, sys.argv[1:2]))
