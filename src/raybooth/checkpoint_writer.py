@@ -89,8 +89,9 @@ def fits_beside(models, optimizer) -> bool:
 @contextlib.contextmanager
 def writing_stream(device: torch.device | None):
     """Copies from the GPU to the host on a stream of their own, after the work queued so far, so
-    that the steps (or samples) on the default stream do not wait for them."""
-    if device is None:
+    that the steps (or samples) on the default stream do not wait for them. Off a GPU (or with no
+    device) nothing changes."""
+    if device is None or device.type != "cuda":
         yield
         return
     stream = torch.cuda.Stream(device)

@@ -182,7 +182,7 @@ def train_worker(loop_config: dict) -> None:
 def save_output(models, folder: Path, cfg: TrainConfig, plan: TrainPlan, history: dict) -> None:
     """Rank 0's output: the trained modules (or the LoRA adapter) and the training log. Run beside
     the samples, so its copies to the host go on a stream of their own."""
-    with writing_stream(models.device if models.device.type == "cuda" else None):
+    with writing_stream(models.device):
         if cfg.use_lora:
             lora.save_output(models, folder, cfg, Path(plan.model_dir), plan.resolution)
         else:
