@@ -5,6 +5,11 @@ trained, class latents cached, bf16 autocast, the step captured after DDP's 11 w
 `raybooth train` runs it. Rank 0 prints one JSON line per variant.
 
     torchrun --nproc_per_node N bench/ddp_levers.py MODEL_DIR [VARIANT ...]   # default: every variant
+    torchrun --nproc_per_node N bench/ddp_levers.py MODEL_DIR trace          # where a step's time goes
+
+`trace` profiles three replays of raybooth's set-up (views, 100 MB) and splits the step into GPU
+compute, NCCL time that no compute kernel overlaps, and idle GPU: what multi-GPU adds to a step
+is either exposed communication or compute slowed by the all-reduce beside it.
 
 Each variant loads fresh modules: wrapping a module in DDP a second time would leave the first
 wrapper's hooks on it.
@@ -46,7 +51,43 @@ def copied_gradients(models, stream):
     return models
 
 
-def measure(model_dir: str, world: int, bucket_mb: int, views: bool, hook: str, steps: int = 30) -> dict:
+def union_us(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of (start, end) intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def trace_step(step, batch, replays: int = 3) -> dict:
+    """Per replay, in ms: the span of its kernels, the compute kernels' union, the NCCL kernels'
+    time outside that union (exposed), the compute kernels' summed time, and the idle rest."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            step(batch)
+        torch.cuda.synchronize()
+    kernels = [(e.time_range.start, e.time_range.end, "nccl" in e.name.lower()) for e in prof.events()
+               if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start]
+    compute = [(s, e) for s, e, nccl in kernels if not nccl]
+    nccl = [(s, e) for s, e, is_nccl in kernels if is_nccl]
+    span = max(e for _, e, _ in kernels) - min(s for s, _, _ in kernels)
+    busy_compute = union_us(compute)
+    exposed = union_us(compute + nccl) - busy_compute
+    per = 1e3 * replays
+    return dict(kernels=len(kernels), span_ms=round(span / per, 2), compute_busy_ms=round(busy_compute / per, 2),
+                compute_sum_ms=round(sum(e - s for s, e in compute) / per, 2),
+                nccl_sum_ms=round(sum(e - s for s, e in nccl) / per, 2), nccl_exposed_ms=round(exposed / per, 2),
+                idle_ms=round((span - union_us(compute + nccl)) / per, 2))
+
+
+def measure(model_dir: str, world: int, bucket_mb: int, views: bool, hook: str, steps: int = 30,
+            trace: bool = False) -> dict:
     device = torch.device("cuda", torch.cuda.current_device())
     torch.manual_seed(0)
     precision = Precision("bf16", device)
@@ -64,6 +105,8 @@ def measure(model_dir: str, world: int, bucket_mb: int, views: bool, hook: str, 
                        lambda: optimizer.zero_grad(set_to_none=True), DDP_GRAPH_WARMUP_STEPS if world > 1 else 3,
                        stream)
     seconds, loss = seconds_per_step(step, batch, steps, warmup=DDP_GRAPH_WARMUP_STEPS + 2)
+    if trace:
+        return dict(step_ms=round(seconds * 1e3, 2), **trace_step(step, batch))
     return dict(step_ms=round(seconds * 1e3, 2), images_per_s=round(2 * world / seconds, 1), last_loss=round(loss, 5),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
 
@@ -75,10 +118,11 @@ def main(model_dir: str, *names: str) -> None:
     if world > 1:
         dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=120),
                                 device_id=torch.device("cuda", torch.cuda.current_device()))
-    variants = [variant for variant in VARIANTS if not names or variant[0] in names]
+    trace = "trace" in names
+    variants = [variant for variant in VARIANTS if not names or variant[0] in names or (trace and variant[0] == "views-100")]
     for name, bucket_mb, views, hook in (variants if world > 1 else [("single-gpu", 0, True, "none")]):
         try:
-            row = measure(model_dir, world, bucket_mb, views, hook)
+            row = measure(model_dir, world, bucket_mb, views, hook, trace=trace)
         except Exception as error:  # noqa: BLE001 - a variant that cannot run is a result too
             row = dict(error=f"{type(error).__name__}: {str(error)[:300]}")
         gc.collect()  # the variant's modules, optimizer and graph went with measure()'s frame

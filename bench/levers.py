@@ -3,7 +3,8 @@ start-up costs (Ray, a Ray Train worker group, model loading), the training step
 graph, cached class latents, channels_last, batch size and MFU) and generation (batch size,
 fused QKV, sampler and its solver error). Prints one JSON line per measurement.
 
-    python bench/levers.py MODEL_DIR [SECTION ...]    # sections: startup load step mfu mfu-compile generate samplers
+    python bench/levers.py MODEL_DIR [SECTION ...]    # sections: startup load latents step mfu mfu-compile generate
+                                                      # samplers
                                                       # samplers-no-cudnn-attention; each in a fresh process:
                                                       # first, first-channels-last, first-no-cudnn-attention
 """
@@ -87,6 +88,37 @@ def load(model_dir: str) -> None:
             del unet
         except Exception as error:  # noqa: BLE001
             emit(what=f"unet from_pretrained {kwargs}", error=repr(error)[:300])
+
+
+def latents(model_dir: str) -> None:
+    """The class latents as the worker computes them before training (200 images at 512 px, in
+    chunks of 16; 2.1 s in run J): the first pass in a fresh process, a second, and with flash
+    attention (the VAE's middle block attends) or channels_last."""
+    from diffusers import AutoencoderKL
+
+    from raybooth.batches import normalize
+
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").to(DEVICE, torch.bfloat16)
+    images = torch.randint(0, 256, (200, 3, 512, 512), dtype=torch.uint8, device=DEVICE)
+
+    def encode(variant: str, chunk: int = 16) -> None:
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        with torch.no_grad():
+            for start in range(0, len(images), chunk):
+                latent_distribution(vae, normalize(images[start:start + chunk]))
+        torch.cuda.synchronize()
+        emit(what="class latents, 200 at 512 px", variant=variant, chunk=chunk, s=round(time.perf_counter() - started, 2))
+
+    encode("first pass")
+    encode("second pass")
+    encode("second pass", chunk=40)
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    encode("flash attention, first pass")
+    encode("flash attention")
+    vae.to(memory_format=torch.channels_last)
+    encode("flash attention, channels_last, first pass")
+    encode("flash attention, channels_last")
 
 
 def make_batch(models, pairs: int, cached: bool) -> Batch:
@@ -293,6 +325,8 @@ if __name__ == "__main__":
         startup()
     if "load" in sections:
         load(model_dir)
+    if "latents" in sections:
+        latents(model_dir)
     if "step" in sections:
         measure_step(model_dir, "eager (main today)")
         measure_step(model_dir, "cuda graph", graph=True)

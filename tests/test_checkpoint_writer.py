@@ -8,7 +8,8 @@ import ray.train
 import torch
 
 from raybooth.checkpoint_writer import CheckpointWriter, fits_beside, write_to_storage
-from raybooth.checkpoints import OPTIMIZER, STATE, TRAINED, read_state, restore, snapshot, snapshot_bytes
+from raybooth.checkpoint_folders import OPTIMIZER, STATE, TRAINED, read_state
+from raybooth.checkpoints import restore, snapshot, snapshot_bytes
 from raybooth.models import load_for_training
 from raybooth.training import make_optimizer
 

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from raybooth.batches import TrainingSet, pairing
-from raybooth.checkpoints import fingerprint, latest_checkpoint, read_state, restore, write_checkpoint
+from raybooth.checkpoint_folders import fingerprint, latest_checkpoint, read_state
+from raybooth.checkpoints import restore, write_checkpoint
 from raybooth.models import load_for_training
 from raybooth.training import make_optimizer
 

@@ -58,3 +58,29 @@ def test_gpu_communication_settings_are_handed_to_the_workers(monkeypatch):
     assert {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
             "NVSHMEM_DISABLE_NVLS": "1"}.items() <= forwarded.items()
     assert "UNRELATED_SETTING" not in forwarded
+
+
+def test_the_ray_a_command_started_is_gone_when_the_command_exits():
+    # cluster.stop_local_ray replaces Ray's slower exit hook: it must still stop every process.
+    import os
+    import subprocess
+    import sys
+
+    code = ("import ray\n"
+            "from raybooth.cluster import connect\n"
+            "connect()\n"
+            "node = ray._private.worker._global_node\n"
+            "print(' '.join(str(info.process.pid) for infos in node.all_processes.values() for info in infos))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    pids = [int(pid) for pid in done.stdout.split()]
+    assert len(pids) >= 3  # GCS, raylet, monitor at least
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    assert [pid for pid in pids if alive(pid)] == []

@@ -99,7 +99,7 @@ def test_a_worker_that_cannot_see_the_output_hands_its_weights_over_as_a_checkpo
     # Rank 0 writes straight into the output's partial folder only where it finds the driver's
     # token there (same node, or shared storage). A token of another name stands in for a worker
     # on another node: the weights then travel through Ray Train's storage.
-    monkeypatch.setattr("raybooth.trainer.OUTPUT_TOKEN", ".elsewhere")
+    monkeypatch.setattr("raybooth.worker.OUTPUT_TOKEN", ".elsewhere")  # the driver's, not the workers'
     output, class_dir = tmp_path / "tuned", tmp_path / "class"
     write_solid_images(class_dir, (0, 0, 200), 4)
     assert main(train_args(tiny_model_dir, output, subject_dir, class_dir, "--max_train_steps", "3")) == 0
@@ -118,6 +118,21 @@ def test_an_output_that_cannot_be_written_is_found_before_ray(tiny_model_dir, su
     output = tmp_path / "a-file" / "tuned"
     assert main(train_args(tiny_model_dir, output, subject_dir, tmp_path / "class")) == 1
     assert re.search("--output_dir .*a-file/tuned cannot be written", capsys.readouterr().err)
+
+
+def test_the_driver_checks_its_input_before_importing_torch(tiny_model_dir, subject_dir, tmp_path):
+    # torch and Ray Train take the driver 3 s to import (more on a small machine): the checks and
+    # plans before Ray starts do without them, so that bad input fails at once.
+    args = train_args(tiny_model_dir, tmp_path / "out", subject_dir, tmp_path / "class")
+    code = ("import os, sys\n"
+            "import raybooth.trainer\n"
+            "def connect(*_):\n"
+            "    os._exit(3 if 'torch' in sys.modules else 0)\n"
+            "raybooth.trainer.connect = connect\n"
+            "from raybooth.cli import main\n"
+            f"main({args!r})\n"
+            "os._exit(4)\n")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_a_loss_that_turns_non_finite_stops_training_and_writes_nothing(ray_cluster, tiny_model_dir, subject_dir,

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from raybooth.checkpoints import run_name
+from raybooth.checkpoint_folders import run_name
 from raybooth.cli import main
 from raybooth.losslog import LossLog
 from raybooth.training import Loss

@@ -19,7 +19,8 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from raybooth.checkpoints import checkpoint_name, snapshot, snapshot_bytes, write_snapshot
+from raybooth.checkpoint_folders import checkpoint_name
+from raybooth.checkpoints import snapshot, snapshot_bytes, write_snapshot
 
 DEVICE_HEADROOM = 2 * 2**30  # bytes left free beside a snapshot on the GPU, for the eager parts of a step
 

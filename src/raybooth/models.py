@@ -7,12 +7,13 @@ import json
 import shutil
 import uuid
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from raybooth.config.watch import OUTPUT_EXTRAS
 from raybooth.errors import RayboothError
+
+if TYPE_CHECKING:  # imported where used: the driver checks model folders without it, so bad input fails at once
+    import torch
 
 # What training and generation need; a pipeline may carry more (safety checker, feature extractor).
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -72,8 +73,8 @@ def check_weights(path: Path) -> None:
     by a worker's traceback minutes later."""
     from safetensors import SafetensorError, safe_open
 
-    try:
-        with safe_open(path, framework="pt") as weights:
+    try:  # numpy's framework: reading the header needs no torch, which the driver imports later
+        with safe_open(path, framework="numpy") as weights:
             weights.keys()
     except (SafetensorError, OSError) as error:
         raise RayboothError(f"{path} is not a readable safetensors file ({error})") from None
@@ -108,6 +109,8 @@ def resolve_resolution(model_dir: Path, requested: int | None) -> int:
 
 def half_precision_dtype() -> torch.dtype:
     """bf16 on GPUs that compute in it (Ampere and later), else fp16: older GPUs only emulate bf16."""
+    import torch
+
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
@@ -122,6 +125,7 @@ def load_for_training(model_dir: Path, device: torch.device, text_encoder_device
     """The models one training worker needs. Trained modules keep fp32 weights (autocast gives
     the speed; fp32 masters keep small updates from rounding away); frozen ones take `frozen_dtype`.
     With `lora` UNet and text encoder are frozen too: only the adapters added later (lora.py) train."""
+    import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 

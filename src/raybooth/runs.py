@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from raybooth.checkpoints import STATE, check_settings, latest_checkpoint, read_state, run_name
+from raybooth.checkpoint_folders import STATE, check_settings, latest_checkpoint, read_state, run_name
 from raybooth.errors import RayboothError
 from raybooth.log import log
 

@@ -12,8 +12,9 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from raybooth.checkpoints import fingerprint
+from raybooth.checkpoint_folders import fingerprint
 from raybooth.cluster import check_fits, cluster_resource, connect, cpus_per_worker, decide_use_gpu, node_count
 from raybooth.config import TrainConfig
 from raybooth.data import image_dataset
@@ -23,7 +24,6 @@ from raybooth.images import find_images, image_files
 from raybooth.log import log
 from raybooth.models import (TRAINING_LOG, check_output_dir, copy_base_components, copy_trained, finish_model_dir,
                              resolve_model_dir, resolve_resolution, start_model_dir)
-from raybooth.optim import check_8bit_adam
 from raybooth.prompts import check_prompt_lengths, check_prompts, words
 from raybooth.runs import RunFolder
 from raybooth.sampling import SampleSet, plan_sample_set, share_out
@@ -31,7 +31,9 @@ from raybooth.watch.folders import RunLogs
 from raybooth.watch.progress import terminal_shows_bars
 from raybooth.watch.raylog import send_ray_output
 from raybooth.watch.report import report_run
-from raybooth.worker import OUTPUT_TOKEN, TrainPlan, train_worker
+
+if TYPE_CHECKING:
+    from raybooth.worker import TrainPlan
 
 
 def train(cfg: TrainConfig, extra_samples: tuple[SampleSet, ...] = ()) -> Path:
@@ -48,6 +50,7 @@ def train(cfg: TrainConfig, extra_samples: tuple[SampleSet, ...] = ()) -> Path:
         logs = RunLogs.for_run(cfg, started, run.local_path, run.name)
         send_ray_output(logs.ray_log, cfg.verbose)
         connect(cfg.address, cfg.verbose)
+        from raybooth.worker import OUTPUT_TOKEN, TrainPlan  # torch and Ray Train (3 s): bad input fails before
         logs.announce(cfg)
         use_gpu, gpus_per_worker = worker_gpus(cfg)
         class_entries = plan_class_images(cfg)
@@ -124,6 +127,8 @@ def check_inputs(cfg: TrainConfig) -> tuple[Path, int, list[Path]]:
         check_prompt_lengths(model_dir, {"--instance_prompt": cfg.instance_prompt, "--class_prompt": cfg.class_prompt},
                              {"--instance_prompt": identifier + noun, "--class_prompt": noun}, cfg.tokenizer_max_length)
     if cfg.use_8bit_adam:
+        from raybooth.optim import check_8bit_adam
+
         check_8bit_adam(on_gpu=cfg.use_gpu is not False)
     instance_paths = find_images(cfg.instance_images_dir, "instance images", resolution=resolution)
     find_images(cfg.class_images_dir, "class images", may_be_empty=True, resolution=resolution)  # missing: made later
@@ -137,6 +142,8 @@ def worker_gpus(cfg: TrainConfig) -> tuple[bool, int]:
     """(whether to train on GPUs, GPUs per worker), checked against the cluster."""
     use_gpu = decide_use_gpu(cfg.use_gpu)
     if cfg.use_8bit_adam and not use_gpu:
+        from raybooth.optim import check_8bit_adam
+
         check_8bit_adam(on_gpu=False)  # a cluster without GPUs
     if cfg.gpus_per_worker == 2 and not use_gpu:
         raise RayboothError("--gpus_per_worker 2 needs GPUs, and the Ray cluster has none")
@@ -189,6 +196,8 @@ def datasets(instance_paths: list[Path], shares: list[list[dict]], resolution: i
 def fit(cfg: TrainConfig, plan: TrainPlan, train_datasets: dict, use_gpu: bool, gpus_per_worker: int, run: RunFolder):
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from raybooth.worker import train_worker
 
     resources = {"CPU": cpus_per_worker(cfg.num_workers, use_gpu)}
     if use_gpu:

@@ -27,7 +27,8 @@ import torch
 from raybooth import __version__, lora
 from raybooth.batches import TrainingSet, pairing
 from raybooth.checkpoint_writer import CheckpointWriter, writing_stream
-from raybooth.checkpoints import check_settings, read_state, restore
+from raybooth.checkpoint_folders import check_settings, read_state
+from raybooth.checkpoints import restore
 from raybooth.config import TrainConfig
 from raybooth.data import read_all, tokenize
 from raybooth.errors import RayboothError
@@ -60,7 +61,7 @@ class TrainPlan:
     output_token: str
     sample_sets: list[WorkerSamples] = field(default_factory=list)  # made before or after training
     started_at: float = field(default_factory=clock_start)  # the command's: workers' lines share its clock
-    settings: dict = field(default_factory=dict)  # what a checkpoint must match to be resumed (checkpoints.fingerprint)
+    settings: dict = field(default_factory=dict)  # what a resumed checkpoint must match (checkpoint_folders.fingerprint)
     resume_from: str | None = None  # a checkpoint folder to start from when Ray Train has none of this run
     logs_dir: Path | None = None  # this run's logs folder (TensorBoard, validation grids)
     progress_bars: bool = False  # whether the driver's terminal shows progress bars
@@ -95,7 +96,7 @@ def train_worker(loop_config: dict) -> None:
                             "the model on storage that every node shares")
     share = plan.class_shares[rank]
     with ThreadPoolExecutor(1) as pool:
-        reading = pool.submit(read_images, rank, [entry["path"] for entry in share if "path" in entry])
+        reading = pool.submit(read_images, rank, [entry["path"] for entry in share if "path" in entry], say)
         loading = time.monotonic()
         models = load_for_training(model_dir, device, text_encoder_device, precision.frozen_dtype,
                                    cfg.trains_text_encoder, lora=cfg.use_lora)
@@ -106,7 +107,6 @@ def train_worker(loop_config: dict) -> None:
                                      bar=plan.progress_bars and rank == 0)
         tokenizer = load_tokenizer(model_dir)
         instance_images, class_images = reading.result()
-        say(f"read {len(instance_images)} instance images and this worker's {len(class_images)} class images")
     training_set = TrainingSet(
         instance_images, class_images + made, plan.resolution,
         pairing(len(instance_images), len(class_images) + len(made), plan.pairs_per_worker, rank, world_size),
@@ -162,12 +162,10 @@ def train_worker(loop_config: dict) -> None:
     watch.mark("train")
     say("training done; saving")
     optimization.finish()  # with --use_ema, the UNet takes the averaged weights
-    history = {"raybooth_version": __version__, "mixed_precision": precision.mode, "world_size": world_size,
-               "learning_rate": learning_rates(cfg, world_size)[0], "config": dataclasses.asdict(cfg),
-               "history": losses.history}
     with tempfile.TemporaryDirectory() as scratch, ThreadPoolExecutor(1) as saver:
         folder = Path(plan.output_partial) if rank == 0 and sees_output(plan) else Path(scratch)
-        saving = saver.submit(save_output, models, folder, cfg, plan, history) if rank == 0 else None
+        saving = (saver.submit(save_output, models, folder, cfg, plan, training_log(cfg, precision, world_size, losses))
+                  if rank == 0 else None)
         if make_samples(plan, rank, models, cfg, say, before_training=False):  # each worker makes its share
             watch.mark("samples")
         if saving is not None:
@@ -188,6 +186,13 @@ def save_output(models, folder: Path, cfg: TrainConfig, plan: TrainPlan, history
         else:
             save_trained_modules(models, folder)
     Path(folder, TRAINING_LOG).write_text(json.dumps(history, indent=1, default=str))
+
+
+def training_log(cfg: TrainConfig, precision: Precision, world_size: int, losses: LossLog) -> dict:
+    """What TRAINING_LOG holds beside the weights: the run's settings and its loss history."""
+    return {"raybooth_version": __version__, "mixed_precision": precision.mode, "world_size": world_size,
+            "learning_rate": learning_rates(cfg, world_size)[0], "config": dataclasses.asdict(cfg),
+            "history": losses.history}
 
 
 def make_samples(plan: TrainPlan, rank: int, models, cfg: TrainConfig, say, before_training: bool) -> bool:
@@ -218,10 +223,12 @@ def resume(plan: TrainPlan, rank: int, models, optimizer, losses: LossLog, say) 
     return step, position
 
 
-def read_images(rank: int, class_paths: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """All instance images, and this worker's class images, in the plan's order."""
+def read_images(rank: int, class_paths: list[str], say) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """All instance images, and this worker's class images, in the plan's order (said when read:
+    this runs beside the model's load)."""
     instance = read_all(ray.train.get_dataset_shard("instance"))
     by_path = read_all(ray.train.get_dataset_shard(f"class_{rank}")) if class_paths else {}
+    say(f"read {len(instance)} instance images and this worker's {len(by_path)} class images")
     return [instance[path] for path in sorted(instance)], [by_path[path] for path in class_paths]
 
 

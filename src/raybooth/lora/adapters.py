@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from raybooth.errors import RayboothError
 from raybooth.models import LORA_SETTINGS, LORA_WEIGHTS
+
+if TYPE_CHECKING:  # only in hints: `generate` and `train` check their input without torch
+    import torch
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")

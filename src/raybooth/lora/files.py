@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from raybooth.errors import RayboothError
 from raybooth.lora.adapters import add_text_encoder_adapter
 from raybooth.models import LORA_WEIGHTS, check_output_dir, read_json, resolve_model_dir, write_model_dir
+
+if TYPE_CHECKING:  # imported where used: the header checks need no torch
+    import torch
 
 # One LoRA matrix in a diffusers file: "unet.<module>.lora.down.weight" as save_adapters writes
 # it, or the peft ("lora_A") and text-encoder ("lora_linear_layer") spellings diffusers also reads.
@@ -77,6 +79,7 @@ def _check_fit(weights: Path, shapes: dict[str, tuple[int, ...]], models: dict[s
 def _meta_models(model_dir: Path, parts: set[str]) -> dict[str, torch.nn.Module]:
     """The base UNet / text encoder built from their configs on the meta device: their layer
     shapes without allocating or reading a single weight."""
+    import torch
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -152,6 +155,7 @@ def merge_lora(model_dir: Path, lora_dir: Path, output_dir: Path, scale: float =
                overwrite: bool = False) -> Path:
     """A full pipeline folder with the adapter fused into the base weights at `scale`, loadable
     by anything that reads diffusers pipelines. Written atomically, in fp32 as the base is loaded."""
+    import torch
     from diffusers import StableDiffusionPipeline
 
     model_dir = resolve_model_dir(model_dir)
