@@ -2,6 +2,7 @@
 
 import json
 
+import torch
 from diffusers import StableDiffusionPipeline
 
 from raybooth.cli import main
@@ -43,3 +44,20 @@ def test_train_with_prompts_encoded_once_samples_with_the_encoder_loaded_again(r
     assert differs(weights(output, "unet"), weights(tiny_model_dir, "unet"))
     assert not differs(weights(output, "text_encoder"), weights(tiny_model_dir, "text_encoder"))
     assert len(list(samples.glob("*.png"))) == 1
+
+
+def test_two_workers_in_bf16_train_bf16_weights_over_fp32_masters_and_save_the_masters(
+        ray_cluster, tiny_model_dir, subject_dir, tmp_path, capsys):
+    # Several workers in bf16: the trained weights are bf16 copies, their fp32 masters what AdamW
+    # steps, checkpoints hold and the output gets (--bf16_gradients' default).
+    output = tmp_path / "tuned"
+    assert main(train_args(tiny_model_dir, output, subject_dir, tmp_path / "class", "--no_use_gpu",
+                           "--num_workers", "2", "--mixed_precision", "bf16", "--max_train_steps", "3",
+                           "--checkpointing_steps", "2", "--lr", "1e-3")) == 0
+    assert "bf16 weights over fp32 masters" in capsys.readouterr().err
+    log = json.loads((output / "training_log.json").read_text())
+    assert log["bf16_gradients"] is True and len(log["history"]) == 3
+    for part in ("unet", "text_encoder"):
+        trained = weights(output, part)
+        assert {tensor.dtype for tensor in trained.values()} == {torch.float32}
+        assert differs(trained, weights(tiny_model_dir, part))

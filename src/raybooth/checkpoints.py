@@ -16,13 +16,16 @@ from raybooth.checkpoint_folders import OPTIMIZER, STATE, TRAINED, read_state
 
 
 def trained_tensors(models) -> dict[str, torch.Tensor]:
-    """Every trained parameter (full weights, or only LoRA adapters), by module-qualified name."""
+    """Every trained parameter (full weights, or only LoRA adapters), by module-qualified name;
+    with --bf16_gradients their fp32 masters, which are what training steps."""
     from raybooth.parallel import unwrap
 
-    return {f"{prefix}.{name}": parameter.detach()
-            for prefix, module in (("unet", models.unet), ("text_encoder", models.text_encoder))
-            if module is not None  # a text encoder freed by --pre_compute_text_embeddings
-            for name, parameter in unwrap(module).named_parameters() if parameter.requires_grad}
+    named = {f"{prefix}.{name}": parameter
+             for prefix, module in (("unet", models.unet), ("text_encoder", models.text_encoder))
+             if module is not None  # a text encoder freed by --pre_compute_text_embeddings
+             for name, parameter in unwrap(module).named_parameters() if parameter.requires_grad}
+    tensors = models.masters.masters_of(list(named.values())) if models.masters is not None else named.values()
+    return {name: tensor.detach() for name, tensor in zip(named, tensors)}
 
 
 def snapshot(rank: int, models, optimizer, step: int, history: list, data_position: dict,
@@ -107,6 +110,8 @@ def restore(folder: Path, rank: int, models, optimizer) -> tuple[int, list, dict
     with torch.no_grad():
         for name, tensor in trained_tensors(models).items():
             tensor.copy_(saved[name])
+    if models.masters is not None:
+        models.masters.push()
     optimizer.load_state_dict(torch.load(folder / OPTIMIZER, map_location=models.device, weights_only=True))
     random_state = torch.load(folder / f"rng-{rank}.pt", weights_only=False)
     torch.set_rng_state(random_state["torch"])

@@ -129,9 +129,12 @@ class Optimization:
         self.apply()
 
     def finish(self) -> None:
-        """Before saving: the UNet takes the EMA weights (with --use_ema)."""
+        """Before saving: the UNet takes the EMA weights (with --use_ema), the modules their fp32
+        masters (with --bf16_gradients)."""
         if self.ema is not None:
             self.ema.copy_to(ema_parameters(self.models))
+        if self.models.masters is not None:
+            self.models.masters.write_back()
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -156,12 +159,16 @@ def build_optimization(models, cfg, total_steps: int, world_size: int = 1, lr_as
     from diffusers.optimization import get_scheduler
 
     unet_lr, text_encoder_lr = learning_rates(cfg, world_size)
-    groups = [{"params": [p for p in models.unet.parameters() if p.requires_grad], "lr": unet_lr}]
+
+    def stepped(module) -> list[torch.Tensor]:  # its trained parameters, or with --bf16_gradients their masters
+        parameters = [p for p in module.parameters() if p.requires_grad]
+        return parameters if models.masters is None else models.masters.masters_of(parameters)
+
+    groups = [{"params": stepped(models.unet), "lr": unet_lr}]
     text_encoder_group = None
     if models.train_text_encoder:
         text_encoder_group = len(groups)
-        groups.append({"params": [p for p in models.text_encoder.parameters() if p.requires_grad],
-                       "lr": text_encoder_lr})
+        groups.append({"params": stepped(models.text_encoder), "lr": text_encoder_lr})
         if cfg.train_text_encoder_steps is not None:
             models.text_encoder_gate = torch.ones((), device=models.text_encoder_device)
     optimizer = make_optimizer_for(groups, unet_lr, cfg)

@@ -21,6 +21,7 @@ class DreamBoothModels:
     train_text_encoder: bool
     # 1, or 0 after --train_text_encoder_steps: scales the text encoder's gradient (a tensor a CUDA graph reads).
     text_encoder_gate: torch.Tensor | None = None
+    masters: object | None = None  # masters.MasterWeights: with --bf16_gradients the optimizer steps fp32 masters
 
     @property
     def device(self) -> torch.device:
@@ -224,7 +225,10 @@ def train_step(models: DreamBoothModels, optimizer: torch.optim.Optimizer, preci
                                    snr_gamma=snr_gamma)
         precision.backward(loss.total / len(micro_batches) if len(micro_batches) > 1 else loss.total)
         losses.append(loss)
-    precision.step(optimizer, models.trainable_parameters(), max_grad_norm)
+    if models.masters is not None:  # bf16 weights: the optimizer steps their fp32 masters
+        models.masters.step(optimizer, max_grad_norm)
+    else:
+        precision.step(optimizer, models.trainable_parameters(), max_grad_norm)
     if len(losses) == 1:
         return Loss(loss.total.detach(), loss.instance.detach(), loss.prior.detach())
     return Loss(*(torch.stack([getattr(one, part) for one in losses]).mean().detach()

@@ -35,6 +35,7 @@ from raybooth.errors import RayboothError
 from raybooth.graphs import GraphedStep
 from raybooth.log import clock_start, log, quiet_model_libraries, set_clock
 from raybooth.losslog import LossLog
+from raybooth.masters import MasterWeights
 from raybooth.models import TRAINING_LOG, load_for_training, load_tokenizer, save_trained_modules
 from raybooth.optim import (build_optimization, enable_gradient_checkpointing, learning_rates,
                             precompute_prompt_embeddings)
@@ -124,6 +125,8 @@ def train_worker(loop_config: dict) -> None:
         training_set.prompt_embeds = precompute_prompt_embeddings(models, training_set.prompt_ids, precision)
         say("prompts encoded once; the text encoder is freed")
     train_with_flash_attention(device)
+    if cfg.uses_bf16_gradients(precision.mode, world_size):  # before DDP, whose buckets take the weights' dtype
+        models.masters = MasterWeights(models.trainable_parameters())
     graph = use_cuda_graph(cfg, precision, device, text_encoder_device, say)
     graph_stream = torch.cuda.Stream(device) if graph else None
     if world_size > 1:
@@ -136,6 +139,7 @@ def train_worker(loop_config: dict) -> None:
                      optimizer=optimizer, board=watch.board)
     first_step, position = resume(plan, rank, models, optimization, losses, say)
     say(f"training on {world_size} worker(s), {device.type}, mixed precision {precision.mode}, "
+        f"{'bf16 weights over fp32 masters, ' if models.masters is not None else ''}"
         f"{'CUDA graph, ' if isinstance(step, GraphedStep) else ''}{losses.total_steps} steps")
     checkpoints = CheckpointWriter(rank, plan.settings, say)
     watch.mark("setup")
@@ -191,6 +195,7 @@ def save_output(models, folder: Path, cfg: TrainConfig, plan: TrainPlan, history
 def training_log(cfg: TrainConfig, precision: Precision, world_size: int, losses: LossLog) -> dict:
     """What TRAINING_LOG holds beside the weights: the run's settings and its loss history."""
     return {"raybooth_version": __version__, "mixed_precision": precision.mode, "world_size": world_size,
+            "bf16_gradients": cfg.uses_bf16_gradients(precision.mode, world_size),
             "learning_rate": learning_rates(cfg, world_size)[0], "config": dataclasses.asdict(cfg),
             "history": losses.history}
 

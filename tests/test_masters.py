@@ -1,0 +1,115 @@
+"""bf16 working weights over fp32 masters: the updates land in the masters, a step matches the
+fp32 step on the same gradients, and checkpoints and the saved weights are the masters."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from raybooth.checkpoints import restore, trained_tensors, write_checkpoint
+from raybooth.errors import RayboothError
+from raybooth.masters import MasterWeights
+from raybooth.models import load_for_training, save_trained_modules
+from raybooth.optim import build_optimization
+from raybooth.training import Precision, make_optimizer, train_step
+
+from test_training import fixed_batch
+from test_worker import config
+
+CPU = torch.device("cpu")
+
+
+def layer(seed: int = 0) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    module = torch.nn.Linear(64, 64)
+    with torch.no_grad():
+        module.weight.normal_(0, 0.02)  # a pretrained weight's typical scale
+    return module
+
+
+def bf16_gradients(module: torch.nn.Module, step: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(step)
+    return [torch.randn(p.shape, generator=generator).to(torch.bfloat16) for p in module.parameters()]
+
+
+def test_the_masters_keep_updates_that_bf16_weights_would_round_away():
+    module = layer()
+    initial = module.weight.detach().clone()
+    masters = MasterWeights(list(module.parameters()))
+    optimizer = make_optimizer(masters.masters, lr=5e-6, weight_decay=0.0)
+    for step in range(3):
+        for parameter, gradient in zip(module.parameters(), bf16_gradients(module, step)):
+            parameter.grad = gradient
+        masters.step(optimizer, max_grad_norm=1e9)
+        optimizer.zero_grad(set_to_none=True)
+    master = masters.masters_of([module.weight])[0]
+    assert master.dtype == torch.float32 and module.weight.dtype == torch.bfloat16
+    assert (master != initial).float().mean() > 0.99  # every update applied, in fp32
+    assert (module.weight.float() != initial.to(torch.bfloat16).float()).float().mean() < 0.5  # most too small for bf16
+    assert torch.equal(module.weight, master.to(torch.bfloat16))  # the working copy follows the masters
+    assert all(p.grad is None for p in module.parameters())  # the step leaves no bf16 gradients behind
+
+
+def test_a_step_over_masters_is_the_fp32_step_on_the_same_gradients():
+    fp32, bf16 = layer(), layer()
+    masters = MasterWeights(list(bf16.parameters()))
+    plain, over_masters = make_optimizer(list(fp32.parameters()), lr=1e-3), make_optimizer(masters.masters, lr=1e-3)
+    for step in range(3):
+        for module in (fp32, bf16):
+            for parameter, gradient in zip(module.parameters(), bf16_gradients(module, step)):
+                parameter.grad = gradient.to(parameter.dtype)
+        plain.step()
+        masters.step(over_masters, max_grad_norm=1e9)
+        for optimizer in (plain, over_masters):
+            optimizer.zero_grad(set_to_none=True)
+    assert all(torch.equal(a, b) for a, b in zip(fp32.parameters(), masters.masters))
+
+
+def test_checkpoints_and_the_saved_weights_hold_the_masters(tiny_model_dir, tmp_path):
+    cfg = config(lr=1e-3, bf16_gradients=True, mixed_precision="bf16")
+    torch.manual_seed(0)
+    models = load_for_training(tiny_model_dir, CPU, CPU, torch.bfloat16, True)
+    models.masters = MasterWeights(models.trainable_parameters())
+    optimization = build_optimization(models, cfg, 2)
+    batch, precision = fixed_batch(tiny_model_dir), Precision("bf16", CPU)
+    for _ in range(2):
+        loss = train_step(models, optimization.optimizer, precision, batch, 1.0, 1.0)
+        optimization.optimizer.zero_grad(set_to_none=True)
+        optimization.after_step()
+    assert torch.isfinite(loss.total)
+    assert all(p.dtype == torch.bfloat16 for p in models.trainable_parameters())
+    masters = trained_tensors(models)
+    assert all(t.dtype == torch.float32 for t in masters.values())
+
+    write_checkpoint(tmp_path / "checkpoint", 0, models, optimization, 2, [], {}, {})
+    resumed = load_for_training(tiny_model_dir, CPU, CPU, torch.bfloat16, True)
+    resumed.masters = MasterWeights(resumed.trainable_parameters())
+    restore(tmp_path / "checkpoint", 0, resumed, build_optimization(resumed, cfg, 2))
+    assert all(torch.equal(a, b) for a, b in zip(trained_tensors(resumed).values(), masters.values()))
+    assert all(torch.equal(p, m.to(torch.bfloat16))  # the working copy came back with them
+               for p, m in zip(resumed.trainable_parameters(), trained_tensors(resumed).values()))
+
+    optimization.finish()  # the modules take their fp32 masters back, to be saved
+    save_trained_modules(models, tmp_path / "out")
+    saved = load_file(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(saved[name.removeprefix("unet.")], tensor)
+               for name, tensor in masters.items() if name.startswith("unet."))
+
+
+def test_bf16_gradients_are_on_by_default_with_several_workers_where_nothing_rules_them_out():
+    assert config().uses_bf16_gradients("bf16", world_size=2)
+    assert not config().uses_bf16_gradients("bf16", world_size=1)  # one GPU keeps its lower peak memory
+    assert not config().uses_bf16_gradients("fp16", world_size=2)
+    assert not config(use_ema=True).uses_bf16_gradients("bf16", world_size=2)
+    assert not config(gradient_accumulation_steps=2).uses_bf16_gradients("bf16", world_size=2)
+    assert config(bf16_gradients=True).uses_bf16_gradients("bf16", world_size=1)
+    assert not config(bf16_gradients=False).uses_bf16_gradients("bf16", world_size=4)
+    with pytest.raises(RayboothError, match="needs bf16 mixed precision; this worker's is no"):
+        config(bf16_gradients=True).uses_bf16_gradients("no", world_size=2)
+
+
+@pytest.mark.parametrize("clash, flag", [(dict(use_lora=True), "--use_lora"), (dict(use_ema=True), "--use_ema"),
+                                         (dict(use_8bit_adam=True), "--use_8bit_adam"),
+                                         (dict(mixed_precision="fp16"), "--mixed_precision fp16")])
+def test_bf16_gradients_asked_for_with_an_option_that_rules_them_out_is_one_clear_error(clash, flag):
+    with pytest.raises(RayboothError, match=f"--bf16_gradients does not go with {flag}"):
+        config(bf16_gradients=True, **clash).validate()
