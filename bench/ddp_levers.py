@@ -31,42 +31,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from levers import make_batch, seconds_per_step
 from raybooth.graphs import GraphedStep
+from raybooth.masters import MasterWeights
 from raybooth.models import load_for_training
 from raybooth.parallel import data_parallel
 from raybooth.stepping import DDP_GRAPH_WARMUP_STEPS
-from raybooth.training import Loss, Precision, dreambooth_loss, make_optimizer, train_step
+from raybooth.training import Precision, make_optimizer, train_step
 
 # (name, bucket MB, gradients as bucket views, comm hook or "masters": bf16 weights with fp32 masters)
 VARIANTS = [("copied-25", 25, False, "none"), ("views-25", 25, True, "none"), ("views-100", 100, True, "none"),
             ("views-25-bf16", 25, True, "bf16"),
             ("views-100-bf16", 100, True, "bf16"), ("views-200", 200, True, "none"), ("views-400", 400, True, "none"),
             ("views-100-masters", 100, True, "masters")]
-
-
-def bf16_working_weights(models) -> list[torch.Tensor]:
-    """The trained modules in bf16, so their gradients are born bf16 (half the bytes to copy and
-    all-reduce, no autocast casts); returns fp32 masters, with gradient buffers, for the optimizer."""
-    masters = [p.detach().clone() for p in models.trainable_parameters()]
-    for master in masters:
-        master.grad = torch.zeros_like(master)
-    models.unet.to(torch.bfloat16)
-    models.text_encoder.to(torch.bfloat16)
-    return masters
-
-
-def master_step(models, params, masters, optimizer, precision, batch) -> Loss:
-    """train_step with fp32 masters: clip the bf16 gradients, copy them into the masters'
-    gradients, step the masters, copy them back into the bf16 weights."""
-    with precision.autocast():
-        loss = dreambooth_loss(models, batch, 1.0)
-    loss.total.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    with torch.no_grad():
-        torch._foreach_copy_([master.grad for master in masters], [param.grad for param in params])
-    optimizer.step()
-    with torch.no_grad():
-        torch._foreach_copy_(params, masters)
-    return Loss(loss.total.detach(), loss.instance.detach(), loss.prior.detach())
 
 
 def copied_gradients(models, stream):
@@ -119,29 +94,21 @@ def measure(model_dir: str, world: int, bucket_mb: int, views: bool, hook: str, 
     torch.manual_seed(0)
     precision = Precision("bf16", device)
     models = load_for_training(Path(model_dir), device, device, precision.frozen_dtype, train_text_encoder=True)
-    masters = bf16_working_weights(models) if hook == "masters" else None
+    if hook == "masters":  # as `raybooth train --bf16_gradients` does it: before DDP, whose buckets take their dtype
+        models.masters = MasterWeights(models.trainable_parameters())
     stream = torch.cuda.Stream()
     if world > 1:
         models = (data_parallel(models, stream, bucket_mb) if views else copied_gradients(models, stream))
         if hook == "bf16":  # each bucket averaged in bf16 (half the bytes), written back into the fp32 gradients
             for module in (models.unet, models.text_encoder):
                 module.register_comm_hook(None, bf16_compress_hook)
-    params = models.trainable_parameters()
-    optimizer = make_optimizer(masters or params, lr=5e-6)
+    stepped = models.masters.masters if models.masters is not None else models.trainable_parameters()
+    optimizer = make_optimizer(stepped, lr=5e-6)
     torch.manual_seed(1 + dist.get_rank() if world > 1 else 1)
     batch = make_batch(models, 1, cached=True)
-
-    def clear() -> None:  # the weights' gradients; the masters' buffers are overwritten each step
-        for param in params:
-            param.grad = None
-
-    if masters is None:
-        step = GraphedStep(lambda b: train_step(models, optimizer, precision, b, 1.0, 1.0),
-                           lambda: optimizer.zero_grad(set_to_none=True), DDP_GRAPH_WARMUP_STEPS if world > 1 else 3,
-                           stream)
-    else:
-        step = GraphedStep(lambda b: master_step(models, params, masters, optimizer, precision, b), clear,
-                           DDP_GRAPH_WARMUP_STEPS if world > 1 else 3, stream)
+    step = GraphedStep(lambda b: train_step(models, optimizer, precision, b, 1.0, 1.0),
+                       lambda: optimizer.zero_grad(set_to_none=True), DDP_GRAPH_WARMUP_STEPS if world > 1 else 3,
+                       stream)
     seconds, loss = seconds_per_step(step, batch, steps, warmup=DDP_GRAPH_WARMUP_STEPS + 2)
     if trace:
         return dict(step_ms=round(seconds * 1e3, 2), **trace_step(step, batch))

@@ -101,6 +101,7 @@ def test_bf16_gradients_are_on_by_default_with_several_workers_where_nothing_rul
     assert not config().uses_bf16_gradients("fp16", world_size=2)
     assert not config(use_ema=True).uses_bf16_gradients("bf16", world_size=2)
     assert not config(gradient_accumulation_steps=2).uses_bf16_gradients("bf16", world_size=2)
+    assert not config(gpus_per_worker=2).uses_bf16_gradients("bf16", world_size=2)
     assert config(bf16_gradients=True).uses_bf16_gradients("bf16", world_size=1)
     assert not config(bf16_gradients=False).uses_bf16_gradients("bf16", world_size=4)
     with pytest.raises(RayboothError, match="needs bf16 mixed precision; this worker's is no"):

@@ -7,9 +7,9 @@ all-reduce moves half the bytes. The optimizer keeps stepping fp32 masters, so u
 for bf16 are never rounded away (training.Precision says why that matters). Each step copies
 the clipped gradients into the masters' gradients, steps the masters, and copies them back.
 
-On 2 x H100 this took the graphed step from 89.99 to 83.39 ms, and from 79.66 to 76.75 ms on
-one GPU. It costs 4 bytes a weight of memory: the bf16 weights, plus fp32 gradient buffers,
-since PyTorch's AdamW wants gradients in its parameters' dtype (bench/RESULTS.md).
+It costs 4 bytes a weight of GPU memory: the bf16 weights, plus fp32 gradient buffers, since
+PyTorch's AdamW wants gradients in its parameters' dtype. bench/RESULTS.md has what it gains
+(most with several GPUs, whose all-reduce it halves) and why it is the default only there.
 """
 
 from __future__ import annotations

@@ -155,7 +155,8 @@ class Precision:
     `mode`'s dtype, weights and optimizer state stay fp32, and fp16 adds loss scaling.
 
     Pure bf16 weights (as in Ray's example) lose most AdamW updates: at lr 5e-6 an update is
-    far below half a bf16 ulp of a typical weight and rounds away. fp32 masters keep them.
+    far below half a bf16 ulp of a typical weight and rounds away. fp32 masters keep them (with
+    --bf16_gradients the modules compute on bf16 copies of them: masters.py).
     """
 
     def __init__(self, mode: str, device: torch.device):

@@ -21,7 +21,7 @@ from raybooth.watch.progress import ImageProgress
 def pipeline_from_models(models, model_dir: Path, sampler: str, safety_checker: bool = False):
     """A generation pipeline over a training worker's modules, in the dtype and on the device that
     `raybooth generate` would load them with, so a seed gives the same image either way. The
-    trained modules are copied (they stay fp32 for training), LoRA adapters fused into the copy
+    trained modules are copied (they stay in their training dtype), LoRA adapters fused into the copy
     as `raybooth generate --lora_weights_dir` fuses them; frozen modules are shared."""
     import copy
 

@@ -46,8 +46,8 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
                                                "as its gradients are ready, overlapping the backward pass.")
     bf16_gradients: bool | None = option(None, "Train bf16 copies of the weights, so gradients are bf16 (half the "
                                                "all-reduce), while the optimizer steps fp32 masters; costs 4 bytes a "
-                                               "weight of GPU memory (default: with several workers, when bf16 mixed "
-                                               "precision, no LoRA, 8-bit Adam, EMA or accumulation rule it out).")
+                                               "weight of GPU memory (default: with several one-GPU workers in bf16 "
+                                               "mixed precision, without LoRA, 8-bit Adam, EMA or accumulation).")
     report_every_n_steps: int = option(10, "Average the loss over workers and report it every N steps.")
     cuda_graphs: bool = option(True, "On GPUs, capture the training step (all-reduce included) as a CUDA graph "
                                      "and replay it (same math, about 2.5x faster; not with fp16 or "
@@ -132,14 +132,14 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
         return None
 
     def uses_bf16_gradients(self, precision: str, world_size: int) -> bool:
-        """As --bf16_gradients says, else with several workers where bf16 mixed precision runs and
-        no option rules it out (nor gradient accumulation, whose sum would be taken in bf16)."""
+        """As --bf16_gradients says, else with several one-GPU workers where bf16 mixed precision
+        runs and no option rules it out (nor gradient accumulation, whose sum would be taken in bf16)."""
         if self.bf16_gradients and precision != "bf16":
             raise RayboothError(f"--bf16_gradients needs bf16 mixed precision; this worker's is {precision}")
         if self.bf16_gradients is not None:
             return self.bf16_gradients
         return (world_size > 1 and precision == "bf16" and self.bf16_gradients_blocker() is None
-                and self.gradient_accumulation_steps == 1)
+                and self.gradient_accumulation_steps == 1 and self.gpus_per_worker == 1)
 
     def learning_rate(self) -> float:
         """--lr, or its default for the kind of training: LoRA adapters start at zero and need
