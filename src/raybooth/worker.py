@@ -165,7 +165,7 @@ def train_worker(loop_config: dict) -> None:
     metrics = losses.flush()
     watch.mark("train")
     say("training done; saving")
-    optimization.finish()  # with --use_ema, the UNet takes the averaged weights
+    optimization.finish()  # the UNet takes the EMA weights (--use_ema), the modules their fp32 masters
     with tempfile.TemporaryDirectory() as scratch, ThreadPoolExecutor(1) as saver:
         folder = Path(plan.output_partial) if rank == 0 and sees_output(plan) else Path(scratch)
         saving = (saver.submit(save_output, models, folder, cfg, plan, training_log(cfg, precision, world_size, losses))
