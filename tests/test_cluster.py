@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 
 from raybooth import cluster
@@ -62,10 +66,6 @@ def test_gpu_communication_settings_are_handed_to_the_workers(monkeypatch):
 
 def test_the_ray_a_command_started_is_gone_when_the_command_exits():
     # cluster.stop_local_ray replaces Ray's slower exit hook: it must still stop every process.
-    import os
-    import subprocess
-    import sys
-
     code = ("import ray\n"
             "from raybooth.cluster import connect\n"
             "connect()\n"
