@@ -168,7 +168,8 @@ def train_worker(loop_config: dict) -> None:
     optimization.finish()  # the UNet takes the EMA weights (--use_ema), the modules their fp32 masters
     with tempfile.TemporaryDirectory() as scratch, ThreadPoolExecutor(1) as saver:
         folder = Path(plan.output_partial) if rank == 0 and sees_output(plan) else Path(scratch)
-        saving = (saver.submit(save_output, models, folder, cfg, plan, training_log(cfg, precision, world_size, losses))
+        saving = (saver.submit(save_output, models, folder, cfg, plan,
+                               training_log(cfg, precision, world_size, models, losses))
                   if rank == 0 else None)
         if make_samples(plan, rank, models, cfg, say, before_training=False):  # each worker makes its share
             watch.mark("samples")
@@ -192,10 +193,10 @@ def save_output(models, folder: Path, cfg: TrainConfig, plan: TrainPlan, history
     Path(folder, TRAINING_LOG).write_text(json.dumps(history, indent=1, default=str))
 
 
-def training_log(cfg: TrainConfig, precision: Precision, world_size: int, losses: LossLog) -> dict:
+def training_log(cfg: TrainConfig, precision: Precision, world_size: int, models, losses: LossLog) -> dict:
     """What TRAINING_LOG holds beside the weights: the run's settings and its loss history."""
     return {"raybooth_version": __version__, "mixed_precision": precision.mode, "world_size": world_size,
-            "bf16_gradients": cfg.uses_bf16_gradients(precision.mode, world_size),
+            "bf16_gradients": models.masters is not None,  # as the run trained, decided once at set-up
             "learning_rate": learning_rates(cfg, world_size)[0], "config": dataclasses.asdict(cfg),
             "history": losses.history}
 

@@ -105,8 +105,8 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
             raise RayboothError("--prior_loss_weight must be >= 0 and --max_grad_norm > 0")
         if self.gpus_per_worker == 2 and self.use_gpu is False:
             raise RayboothError("--gpus_per_worker 2 needs GPUs; drop --no_use_gpu")
-        if self.bf16_gradients and self.bf16_gradients_blocker():
-            raise RayboothError(f"--bf16_gradients does not go with {self.bf16_gradients_blocker()}")
+        if self.bf16_gradients and (blocker := self.bf16_gradients_blocker()):
+            raise RayboothError(f"--bf16_gradients does not go with {blocker}")
         if self.sample_prompts is not None:
             positive(num_samples_per_prompt=self.num_samples_per_prompt)
             check_prompts_given("--sample_prompts", self.sample_prompts)
