@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from flow import SAMPLE_PROMPTS, photos, run, steady_steps_per_s, timeline
+from flow import SAMPLE_PROMPTS, photos, run, timeline
 
 os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
 RAYBOOTH = [sys.executable, "-m", "raybooth"]
@@ -32,11 +32,20 @@ CLASS_PROMPT = "a photo of a dog"
 WORK = Path("/tmp/raybooth-scaling")
 
 
-def steady_generation_rate(log: str) -> float:
-    """images/s between the first and the last progress line: past loading, before teardown."""
-    rows = [(float(t), int(done)) for t, done in re.findall(r"\[raybooth +([0-9.]+)s\] made (\d+)/", log)]
-    (t0, n0), (t1, n1) = rows[0], rows[-1]
-    return round((n1 - n0) / (t1 - t0), 2)
+def generation_rate(log: str) -> float:
+    """images/s from Ray's start to the last image, the actors' model load included: Ray Data hands
+    the images over in bursts, so the progress lines give no steady rate of their own."""
+    started = float(re.search(r"\[raybooth +([0-9.]+)s\] started Ray", log).group(1))
+    t, done = re.findall(r"\[raybooth +([0-9.]+)s\] made (\d+)/", log)[-1]
+    return round(int(done) / (float(t) - started), 2)
+
+
+def steady_steps_per_s(log: str, past: int = 30) -> float:
+    """Steps/s from the first step line at or past step `past` (DDP's eager warm-up and the graph's
+    capture are done by then) to the last one."""
+    rows = [(int(step), float(t)) for t, step in re.findall(r"\[raybooth +([0-9.]+)s\] step (\d+)/", log)]
+    (s0, t0), (s1, t1) = next(row for row in rows if row[0] >= past), rows[-1]
+    return round((s1 - s0) / (t1 - t0), 2)
 
 
 def losses(output_dir: Path) -> list[float]:
@@ -50,8 +59,8 @@ def train(name: str, model_dir: str, out: Path, class_dir: Path, workers: int, p
         "train", "--model_dir", model_dir, "--output_dir", str(output), "--overwrite",
         "--instance_images_dir", str(photos(WORK / "photos")), "--instance_prompt", "a photo of unqtkn dog",
         "--class_images_dir", str(class_dir), "--class_prompt", CLASS_PROMPT,
-        "--num_class_images", "32", "--max_train_steps", str(steps), "--num_workers", str(workers),
-        "--gpus_per_worker", str(per_worker), *extra], out)
+        "--num_class_images", "32", "--max_train_steps", str(steps), "--num_epochs", "1000",  # steps decide
+        "--num_workers", str(workers), "--gpus_per_worker", str(per_worker), *extra], out)
     rate = steady_steps_per_s(result["log"]) if result["exit"] == 0 else 0.0
     report[name] = {"workers": workers, "gpus_per_worker": per_worker, "steps": steps, "exit": result["exit"],
                     "wall_s": result["wall_s"], "steps_per_s": rate, "images_per_s": round(rate * 2 * workers, 1),
@@ -66,7 +75,7 @@ def generate_scaling(model_dir: str, out: Path, gpus: list[int], report: dict, s
             "generate", "--model_dir", model_dir, "--output_dir", str(WORK / f"class-{n}"), "--prompts",
             CLASS_PROMPT, "--num_samples_per_prompt", str(count), "--num_workers", str(n)], out)
         report[f"generate_{n}gpu"] = {"images": count, "wall_s": result["wall_s"], "exit": result["exit"],
-                                      "images_per_s": steady_generation_rate(result["log"])}
+                                      "images_per_s": generation_rate(result["log"])}
         save()
     for n in gpus[1:]:
         if report["generate_1gpu"]["exit"] == 0 and report[f"generate_{n}gpu"]["exit"] == 0:
@@ -78,7 +87,7 @@ def train_scaling(model_dir: str, out: Path, gpus: list[int], report: dict, save
     """Training images/s with 1..N one-GPU workers, `extra` flags added to each run."""
     class_dir = WORK / "class-train"
     for n in gpus:
-        train(f"train-{n}x1", model_dir, out, class_dir, n, 1, 150, extra, report)
+        train(f"train-{n}x1", model_dir, out, class_dir, n, 1, 200, extra, report)
         save()
     one = report.get("train-1x1", {}).get("images_per_s")  # absent where the baseline runs apart
     for n in (n for n in gpus if n > 1):
