@@ -1,10 +1,11 @@
-"""Peak GPU memory and step time of full fine-tuning, LoRA (issue 6) and the low-memory options
-(issue 8: --gradient_checkpointing --use_8bit_adam), one configuration per fresh process so that
+"""Peak GPU memory and step time of full fine-tuning (also with a channels_last UNet), LoRA (issue
+6) and the low-memory options (issue 8: --gradient_checkpointing --use_8bit_adam), one
+configuration per fresh process so that
 peaks are clean: SD-1.5-sized random weights, 512 px, UNet and text encoder trained, bf16
 autocast, class latents cached, as `raybooth train` runs it: the step as a CUDA graph, eager
 with 8-bit Adam (which cannot be captured). Prints one JSON line.
 
-    python bench/memory.py MODEL_DIR full|lora|lowmem PAIRS   # PAIRS: instance images per step (+ as many class)
+    python bench/memory.py MODEL_DIR full|full-cl|lora|lowmem PAIRS [STEPS]   # PAIRS: instance images per step (+ as many class)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from raybooth.graphs import GraphedStep
 from raybooth.lora import add_adapters, save_adapters
 from raybooth.models import load_for_training
 from raybooth.optim import enable_gradient_checkpointing
+from raybooth.stepping import train_with_flash_attention
 from raybooth.training import Precision, make_optimizer, train_step
 
 DEVICE = torch.device("cuda")
@@ -29,6 +31,7 @@ DEVICE = torch.device("cuda")
 
 def main(model_dir: str, variant: str, pairs: int, steps: int = 20) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(0)  # the same batch and noise in every process, so losses compare
     precision = Precision("bf16", DEVICE)
     lora = variant == "lora"
     models = load_for_training(Path(model_dir), DEVICE, DEVICE, precision.frozen_dtype, train_text_encoder=not lora)
@@ -36,6 +39,9 @@ def main(model_dir: str, variant: str, pairs: int, steps: int = 20) -> None:
         models.unet.to(precision.frozen_dtype)
         add_adapters(models.unet, models.text_encoder, rank=4, alpha=4, lora_text_encoder=True)
         models = dataclasses.replace(models, train_text_encoder=True)
+    if variant == "full-cl":
+        models.unet.to(memory_format=torch.channels_last)
+    train_with_flash_attention(DEVICE)  # as raybooth trains
     loaded_gib = round(torch.cuda.memory_allocated() / 2**30, 2)
     lowmem = variant == "lowmem"
     if lowmem:
@@ -54,14 +60,14 @@ def main(model_dir: str, variant: str, pairs: int, steps: int = 20) -> None:
 
     step = eager if lowmem else GraphedStep(lambda b: train_step(models, optimizer, precision, b, 1.0, 1.0), zero_grad)
     try:
-        seconds, _ = seconds_per_step(step, batch, steps)
+        seconds, loss = seconds_per_step(step, batch, steps)
     except torch.OutOfMemoryError:
         print(json.dumps(dict(variant=variant, pairs=pairs, out_of_memory=True)), flush=True)
         return
     row = dict(variant=variant, pairs=pairs, step_ms=round(seconds * 1e3, 1), images_per_s=round(2 * pairs / seconds, 1),
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), loaded_gib=loaded_gib,
                reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
-               trained_parameters_m=round(sum(p.numel() for p in parameters) / 1e6, 2))
+               trained_parameters_m=round(sum(p.numel() for p in parameters) / 1e6, 2), last_loss=round(loss, 5))
     if lora:
         with tempfile.TemporaryDirectory() as folder:
             row["adapter_mb"] = round(save_adapters(models.unet, models.text_encoder, Path(folder)).stat().st_size / 1e6, 2)
@@ -69,4 +75,4 @@ def main(model_dir: str, variant: str, pairs: int, steps: int = 20) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *map(int, sys.argv[4:5]))

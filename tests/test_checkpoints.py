@@ -83,6 +83,34 @@ def test_a_checkpoint_restores_weights_optimizer_and_random_state(tiny_model_dir
     assert read_state(tmp_path)["step"] == 12
 
 
+def test_a_checkpoint_resumes_into_the_other_memory_layout(tiny_model_dir, tmp_path):
+    # --channels_last is no setting a checkpoint must match: the moments of a contiguous run's
+    # checkpoint take the channels-last UNet's layout on resume, and the other way round.
+    def setup(channels_last):
+        models = load_for_training(tiny_model_dir, CPU, CPU, torch.float32, True)
+        if channels_last:
+            models.unet.to(memory_format=torch.channels_last)
+        return models, make_optimizer(models.trainable_parameters(), 1e-3)
+
+    for written_in_channels_last in (False, True):
+        models, optimizer = setup(written_in_channels_last)
+        for parameter in models.trainable_parameters():
+            parameter.grad = torch.randn_like(parameter)
+        optimizer.step()
+        write_checkpoint(tmp_path, 0, models, optimizer, 1, [], {}, {})
+        fresh, fresh_optimizer = setup(not written_in_channels_last)
+        restore(tmp_path, 0, fresh, fresh_optimizer)
+        convs = [p for p in fresh.unet.parameters() if p.dim() == 4 and p.shape[-1] > 1]  # 1x1: either layout
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) != written_in_channels_last
+                             for p in convs)
+        for before, parameter in zip(models.trainable_parameters(), fresh.trainable_parameters()):
+            assert torch.equal(before, parameter)
+            for key in ("exp_avg", "exp_avg_sq"):
+                moment = fresh_optimizer.state[parameter][key]
+                assert moment.stride() == parameter.stride()
+                assert torch.equal(moment, optimizer.state[before][key])
+
+
 def start(args, tmp_path, name):
     log = open(tmp_path / f"{name}.log", "w+")
     # A shell without job control starts background jobs with SIGINT ignored, and children

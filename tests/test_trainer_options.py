@@ -61,3 +61,18 @@ def test_two_workers_in_bf16_train_bf16_weights_over_fp32_masters_and_save_the_m
         trained = weights(output, part)
         assert {tensor.dtype for tensor in trained.values()} == {torch.float32}
         assert differs(trained, weights(tiny_model_dir, part))
+
+
+def test_two_workers_train_a_channels_last_unet_checkpoint_it_and_save_it_contiguous(
+        ray_cluster, tiny_model_dir, subject_dir, tmp_path, capsys):
+    # DDP over channels-last weights, a checkpoint mid-run and the output (safetensors takes
+    # contiguous tensors only), on CPU workers where --channels_last is asked for.
+    output = tmp_path / "tuned"
+    assert main(train_args(tiny_model_dir, output, subject_dir, tmp_path / "class", "--no_use_gpu",
+                           "--num_workers", "2", "--channels_last", "--max_train_steps", "3",
+                           "--checkpointing_steps", "2", "--lr", "1e-3")) == 0
+    assert "channels-last UNet" in capsys.readouterr().err
+    log = json.loads((output / "training_log.json").read_text())
+    assert log["channels_last"] is True and len(log["history"]) == 3
+    assert differs(weights(output, "unet"), weights(tiny_model_dir, "unet"))
+    StableDiffusionPipeline.from_pretrained(output)  # loads as a whole pipeline

@@ -154,3 +154,27 @@ def test_cached_class_latents_give_the_loss_that_encoding_the_class_images_gives
     torch.testing.assert_close(sample_latents(models, cached), encoded)
     swapped = Batch(batch.pixels[:2], batch.prompt_ids, mean.flip(0), std)  # class rows in the wrong order
     assert not torch.allclose(sample_latents(models, swapped), encoded, atol=1e-3)
+
+
+def test_a_channels_last_unet_trains_as_the_contiguous_one(tiny_model_dir):
+    # --channels_last changes where the UNet's numbers lie in memory, not the arithmetic.
+    batch = fixed_batch(tiny_model_dir)
+    runs = []
+    for channels_last in (False, True):
+        models = load_for_training(tiny_model_dir, CPU, CPU, torch.float32, True)
+        if channels_last:
+            models.unet.to(memory_format=torch.channels_last)
+        optimizer = make_optimizer(models.trainable_parameters(), 1e-3)
+        torch.manual_seed(0)
+        losses = []
+        for _ in range(3):
+            losses.append(train_step(models, optimizer, Precision("no", CPU), batch, 1.0, 1.0).total.item())
+            optimizer.zero_grad()
+        runs.append((losses, snapshot(models.unet)))
+    (losses, weights), (cl_losses, cl_weights) = runs
+    assert losses == pytest.approx(cl_losses, rel=1e-5)
+    # The convolutions sum in another order; AdamW divides each gradient by its own size, so
+    # where a gradient is nearly zero that rounding shows. Elsewhere the weights agree.
+    gaps = torch.cat([(weights[name] - cl_weights[name]).abs().flatten() for name in weights])
+    assert (gaps > 1e-5).float().mean() < 1e-4 and gaps.max() < 1e-3  # 1e-3: one step's size at this lr
+    assert cl_weights["conv_in.weight"].is_contiguous(memory_format=torch.channels_last)

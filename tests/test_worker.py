@@ -40,3 +40,13 @@ def test_loss_log_keeps_every_step_and_reports_the_window_mean():
     assert [row["loss"] for row in log.history] == [4.0, 2.0, 1.0, 3.0]
     assert metrics == {"step": 4, "epoch": 1, "loss": 2.0, "instance_loss": 1.0, "prior_loss": 1.0}
     assert log.flush()["step"] == 4  # nothing pending: the last window again
+
+
+def test_the_unet_is_channels_last_by_default_on_one_gpu_at_batch_1_for_full_fine_tuning():
+    assert config().uses_channels_last("cuda", world_size=1)
+    assert not config().uses_channels_last("cpu", world_size=1)  # the CPU path stays as it was
+    assert not config(train_batch_size=4).uses_channels_last("cuda", world_size=1)  # measured slower at 4+4
+    assert not config(use_lora=True).uses_channels_last("cuda", world_size=1)
+    assert not config().uses_channels_last("cuda", world_size=2)  # not measured under DDP
+    assert config(channels_last=True).uses_channels_last("cpu", world_size=2)
+    assert not config(channels_last=False).uses_channels_last("cuda", world_size=1)

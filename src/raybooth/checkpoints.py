@@ -113,8 +113,20 @@ def restore(folder: Path, rank: int, models, optimizer) -> tuple[int, list, dict
     if models.masters is not None:
         models.masters.push()
     optimizer.load_state_dict(torch.load(folder / OPTIMIZER, map_location=models.device, weights_only=True))
+    match_layouts(getattr(optimizer, "optimizer", optimizer))
     random_state = torch.load(folder / f"rng-{rank}.pt", weights_only=False)
     torch.set_rng_state(random_state["torch"])
     if random_state["cuda"] is not None:
         torch.cuda.set_rng_state(random_state["cuda"], models.device)
     return state["step"], state["history"], random_state["data"]
+
+
+def match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give loaded optimizer state its parameters' memory layout, as fresh state has: a checkpoint
+    written with the other --channels_last holds the UNet's moments in the other layout."""
+    with torch.no_grad():
+        for parameter, state in optimizer.state.items():
+            for key, value in state.items():
+                if (isinstance(value, torch.Tensor) and value.shape == parameter.shape
+                        and value.stride() != parameter.stride()):
+                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)

@@ -39,7 +39,7 @@ from raybooth.masters import MasterWeights
 from raybooth.models import TRAINING_LOG, load_for_training, load_tokenizer, save_trained_modules
 from raybooth.optim import (build_optimization, enable_gradient_checkpointing, learning_rates,
                             precompute_prompt_embeddings)
-from raybooth.parallel import data_parallel
+from raybooth.parallel import data_parallel, unwrap
 from raybooth.sampling import WorkerSamples
 from raybooth.stepping import make_step, train_with_flash_attention, use_cuda_graph
 from raybooth.training import Precision
@@ -125,6 +125,9 @@ def train_worker(loop_config: dict) -> None:
         training_set.prompt_embeds = precompute_prompt_embeddings(models, training_set.prompt_ids, precision)
         say("prompts encoded once; the text encoder is freed")
     train_with_flash_attention(device)
+    channels_last = cfg.uses_channels_last(device.type, world_size)
+    if channels_last:  # after the class images and samples, whose sampling it slows (bench/RESULTS.md)
+        models.unet.to(memory_format=torch.channels_last)
     if cfg.uses_bf16_gradients(precision.mode, world_size):  # before DDP, whose buckets take the weights' dtype
         models.masters = MasterWeights(models.trainable_parameters())
     graph = use_cuda_graph(cfg, precision, device, text_encoder_device, say)
@@ -140,6 +143,7 @@ def train_worker(loop_config: dict) -> None:
     first_step, position = resume(plan, rank, models, optimization, losses, say)
     say(f"training on {world_size} worker(s), {device.type}, mixed precision {precision.mode}, "
         f"{'bf16 weights over fp32 masters, ' if models.masters is not None else ''}"
+        f"{'channels-last UNet, ' if channels_last else ''}"
         f"{'CUDA graph, ' if isinstance(step, GraphedStep) else ''}{losses.total_steps} steps")
     checkpoints = CheckpointWriter(rank, plan.settings, say)
     watch.mark("setup")
@@ -166,10 +170,12 @@ def train_worker(loop_config: dict) -> None:
     watch.mark("train")
     say("training done; saving")
     optimization.finish()  # the UNet takes the EMA weights (--use_ema), the modules their fp32 masters
+    if channels_last:  # safetensors writes contiguous tensors only, and the samples run faster in them
+        unwrap(models.unet).to(memory_format=torch.contiguous_format)
     with tempfile.TemporaryDirectory() as scratch, ThreadPoolExecutor(1) as saver:
         folder = Path(plan.output_partial) if rank == 0 and sees_output(plan) else Path(scratch)
         saving = (saver.submit(save_output, models, folder, cfg, plan,
-                               training_log(cfg, precision, world_size, models, losses))
+                               training_log(cfg, precision, world_size, models, losses, channels_last))
                   if rank == 0 else None)
         if make_samples(plan, rank, models, cfg, say, before_training=False):  # each worker makes its share
             watch.mark("samples")
@@ -193,10 +199,12 @@ def save_output(models, folder: Path, cfg: TrainConfig, plan: TrainPlan, history
     Path(folder, TRAINING_LOG).write_text(json.dumps(history, indent=1, default=str))
 
 
-def training_log(cfg: TrainConfig, precision: Precision, world_size: int, models, losses: LossLog) -> dict:
+def training_log(cfg: TrainConfig, precision: Precision, world_size: int, models, losses: LossLog,
+                 channels_last: bool) -> dict:
     """What TRAINING_LOG holds beside the weights: the run's settings and its loss history."""
     return {"raybooth_version": __version__, "mixed_precision": precision.mode, "world_size": world_size,
             "bf16_gradients": models.masters is not None,  # as the run trained, decided once at set-up
+            "channels_last": channels_last,
             "learning_rate": learning_rates(cfg, world_size)[0], "config": dataclasses.asdict(cfg),
             "history": losses.history}
 

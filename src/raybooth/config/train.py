@@ -48,6 +48,10 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
                                                "all-reduce), while the optimizer steps fp32 masters; costs 4 bytes a "
                                                "weight of GPU memory (default: with several one-GPU workers in bf16 "
                                                "mixed precision, without LoRA, 8-bit Adam, EMA or accumulation).")
+    channels_last: bool | None = option(None, "Keep the UNet's weights and activations channels-last (NHWC) while "
+                                              "training: faster at batch 1 (77 against 82 ms a step on an H100), "
+                                              "slower at 4 (default: on one GPU worker at --train_batch_size 1, "
+                                              "for full fine-tuning).")
     report_every_n_steps: int = option(10, "Average the loss over workers and report it every N steps.")
     cuda_graphs: bool = option(True, "On GPUs, capture the training step (all-reduce included) as a CUDA graph "
                                      "and replay it (same math, about 2.5x faster; not with fp16 or "
@@ -140,6 +144,13 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
             return self.bf16_gradients
         return (world_size > 1 and precision == "bf16" and self.bf16_gradients_blocker() is None
                 and self.gradient_accumulation_steps == 1 and self.gpus_per_worker == 1)
+
+    def uses_channels_last(self, device_type: str, world_size: int) -> bool:
+        """As --channels_last says, else where it was measured faster (bench/RESULTS.md): one GPU
+        worker, batch 1, full fine-tuning (LoRA and DDP were not measured with it)."""
+        if self.channels_last is not None:
+            return self.channels_last
+        return device_type == "cuda" and world_size == 1 and self.train_batch_size == 1 and not self.use_lora
 
     def learning_rate(self) -> float:
         """--lr, or its default for the kind of training: LoRA adapters start at zero and need
