@@ -1,9 +1,9 @@
-"""Peak GPU memory and step time of full fine-tuning (also with a channels_last UNet), LoRA (issue
-6) and the low-memory options (issue 8: --gradient_checkpointing --use_8bit_adam), one
-configuration per fresh process so that
-peaks are clean: SD-1.5-sized random weights, 512 px, UNet and text encoder trained, bf16
-autocast, class latents cached, as `raybooth train` runs it: the step as a CUDA graph, eager
-with 8-bit Adam (which cannot be captured). Prints one JSON line.
+"""Peak GPU memory and step time of full fine-tuning (also with a channels-last UNet: full-cl),
+LoRA (issue 6) and the low-memory options (issue 8: --gradient_checkpointing --use_8bit_adam),
+one configuration per fresh process so that peaks are clean: SD-1.5-sized random weights, 512 px,
+UNet and text encoder trained, bf16 autocast, class latents cached, flash attention, as `raybooth
+train` runs it: the step as a CUDA graph, eager with 8-bit Adam (which cannot be captured). Prints
+one JSON line, with the last step's loss (the seed is fixed, so variants compare).
 
     python bench/memory.py MODEL_DIR full|full-cl|lora|lowmem PAIRS [STEPS]   # PAIRS: instance images per step (+ as many class)
 """
