@@ -35,15 +35,17 @@ WORK = Path("/tmp/raybooth-scaling")
 def generation_rate(log: str) -> float:
     """images/s from Ray's start to the last image, the actors' model load included: Ray Data hands
     the images over in bursts, so the progress lines give no steady rate of their own."""
-    started = float(re.search(r"\[raybooth +([0-9.]+)s\] started Ray", log).group(1))
-    t, done = re.findall(r"\[raybooth +([0-9.]+)s\] made (\d+)/", log)[-1]
-    return round(int(done) / (float(t) - started), 2)
+    lines = timeline(log)
+    started = next(t for t, message in lines if message.startswith("started Ray"))
+    done_at, done = [(t, int(m.split()[1].split("/")[0])) for t, m in lines if m.startswith("made ")][-1]
+    return round(done / (done_at - started), 2)
 
 
-def steady_steps_per_s(log: str, past: int = 30) -> float:
+def steps_per_s_past_warmup(log: str, past: int = 30) -> float:
     """Steps/s from the first step line at or past step `past` (DDP's eager warm-up and the graph's
-    capture are done by then) to the last one."""
-    rows = [(int(step), float(t)) for t, step in re.findall(r"\[raybooth +([0-9.]+)s\] step (\d+)/", log)]
+    capture are done by then) to the last one. flow.py's median of the logged 10-step rates rests on
+    one window where a run has few steps."""
+    rows = [(int(m.split()[1].split("/")[0]), t) for t, m in timeline(log) if re.match(r"step \d+/", m)]
     (s0, t0), (s1, t1) = next(row for row in rows if row[0] >= past), rows[-1]
     return round((s1 - s0) / (t1 - t0), 2)
 
@@ -61,7 +63,7 @@ def train(name: str, model_dir: str, out: Path, class_dir: Path, workers: int, p
         "--class_images_dir", str(class_dir), "--class_prompt", CLASS_PROMPT,
         "--num_class_images", "32", "--max_train_steps", str(steps), "--num_epochs", "1000",  # steps decide
         "--num_workers", str(workers), "--gpus_per_worker", str(per_worker), *extra], out)
-    rate = steady_steps_per_s(result["log"]) if result["exit"] == 0 else 0.0
+    rate = steps_per_s_past_warmup(result["log"]) if result["exit"] == 0 else 0.0
     report[name] = {"workers": workers, "gpus_per_worker": per_worker, "steps": steps, "exit": result["exit"],
                     "wall_s": result["wall_s"], "steps_per_s": rate, "images_per_s": round(rate * 2 * workers, 1),
                     "losses": losses(output) if result["exit"] == 0 else []}

@@ -22,6 +22,7 @@ from raybooth.training import make_optimizer
 
 from conftest import write_solid_images
 from test_trainer import train_args
+from test_training import fp32_models
 
 CPU = torch.device("cpu")
 
@@ -87,9 +88,7 @@ def test_a_checkpoint_resumes_into_the_other_memory_layout(tiny_model_dir, tmp_p
     # --channels_last is no setting a checkpoint must match: the moments of a contiguous run's
     # checkpoint take the channels-last UNet's layout on resume, and the other way round.
     def setup(channels_last):
-        models = load_for_training(tiny_model_dir, CPU, CPU, torch.float32, True)
-        if channels_last:
-            models.unet.to(memory_format=torch.channels_last)
+        models = fp32_models(tiny_model_dir, channels_last)
         return models, make_optimizer(models.trainable_parameters(), 1e-3)
 
     for written_in_channels_last in (False, True):

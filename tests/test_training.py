@@ -156,14 +156,21 @@ def test_cached_class_latents_give_the_loss_that_encoding_the_class_images_gives
     assert not torch.allclose(sample_latents(models, swapped), encoded, atol=1e-3)
 
 
+def fp32_models(model_dir, channels_last: bool = False):
+    """The tiny model in fp32 on the CPU, text encoder trained; with `channels_last` the UNet in
+    the layout --channels_last gives it."""
+    models = load_for_training(model_dir, CPU, CPU, torch.float32, True)
+    if channels_last:
+        models.unet.to(memory_format=torch.channels_last)
+    return models
+
+
 def test_a_channels_last_unet_trains_as_the_contiguous_one(tiny_model_dir):
     # --channels_last changes where the UNet's numbers lie in memory, not the arithmetic.
     batch = fixed_batch(tiny_model_dir)
     runs = []
     for channels_last in (False, True):
-        models = load_for_training(tiny_model_dir, CPU, CPU, torch.float32, True)
-        if channels_last:
-            models.unet.to(memory_format=torch.channels_last)
+        models = fp32_models(tiny_model_dir, channels_last)
         optimizer = make_optimizer(models.trainable_parameters(), 1e-3)
         torch.manual_seed(0)
         losses = []
