@@ -4,7 +4,9 @@ in place (smooth random pictures: reading and encoding them costs what real ones
 its log and Ray's own log (Ray Train's controller and worker-group events, stamped). Writes
 startup.json and the logs to OUT_DIR.
 
-    python bench/startup.py MODEL_DIR OUT_DIR
+    python bench/startup.py MODEL_DIR OUT_DIR [TRAIN_FLAGS...]
+
+TRAIN_FLAGS go to `raybooth train` as they are (`--no_local_mode` for the worker process).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ WORK = Path("/tmp/raybooth-startup")
 
 
 def class_images(folder: Path, count: int = 200, side: int = 512) -> Path:
+    if folder.is_dir() and len(list(folder.iterdir())) == count:  # made by an earlier run on this machine
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     random = np.random.default_rng(0)
     for index in range(count):
@@ -43,7 +47,7 @@ def import_times(out: Path) -> list[str]:
     return sorted(rows, key=lambda row: -int(row.split("|")[1]))[:25]
 
 
-def main(model_dir: str, out_dir: str) -> None:
+def main(model_dir: str, out_dir: str, *flags: str) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"imports": import_times(out)}
@@ -52,7 +56,7 @@ def main(model_dir: str, out_dir: str) -> None:
         sys.executable, "-m", "raybooth", "train", "--model_dir", model_dir, "--output_dir", str(WORK / "tuned"),
         "--overwrite", "--instance_images_dir", str(photos(WORK / "photos")), "--instance_prompt",
         "a photo of unqtkn dog", "--class_images_dir", str(class_images(WORK / "class")), "--class_prompt",
-        "a photo of a dog", "--num_class_images", "200", "--max_train_steps", str(steps)], out)
+        "a photo of a dog", "--num_class_images", "200", "--max_train_steps", str(steps), *flags], out)
     rate = steady_steps_per_s(result["log"])
     report["train_100"] = {"wall_s": result["wall_s"], "exit": result["exit"], "steps_per_s": rate,
                            "fixed_cost_s": round(result["wall_s"] - steps / rate, 1) if rate else None,
@@ -67,8 +71,14 @@ def main(model_dir: str, out_dir: str) -> None:
                 for line in path.read_text().splitlines():
                     merged.write(json.dumps({"file": path.name[:32], **json.loads(line)}) + "\n")
     (out / "startup.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps(report, indent=1))
+    marks = {"Ray up": "started Ray", "planned": "fine-tuning", "loop starts": "up; loading", "model loaded":
+             "model loaded", "first step": "first step done", "saved": "saved", "last line": "wrote the fine-tuned"}
+    times = {name: next((t for t, message in report["train_100"]["timeline"] if text in message), None)
+             for name, text in marks.items()}
+    train = report["train_100"]
+    print(json.dumps({"run": out.name, "flags": flags, "wall_s": train["wall_s"], "exit": train["exit"],
+                      "fixed_cost_s": train["fixed_cost_s"], "steps_per_s": train["steps_per_s"], **times}))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:])

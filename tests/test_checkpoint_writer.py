@@ -8,7 +8,7 @@ import ray.train
 import torch
 
 from raybooth.checkpoint_writer import CheckpointWriter, fits_beside, write_to_storage
-from raybooth.checkpoint_folders import OPTIMIZER, STATE, TRAINED, read_state
+from raybooth.checkpoint_folders import OPTIMIZER, STATE, TRAINED, checkpoint_name, complete_checkpoints, read_state
 from raybooth.checkpoints import restore, snapshot, snapshot_bytes
 from raybooth.models import load_for_training
 from raybooth.training import make_optimizer
@@ -89,3 +89,14 @@ def test_a_snapshot_on_the_device_is_a_copy_too(tiny_model_dir):
     name, tensor = next(iter(state["trained"].items()))
     original = dict(models.unet.named_parameters())[name.removeprefix("unet.")]
     assert torch.equal(tensor, original) and tensor.data_ptr() != original.data_ptr()
+
+
+def test_in_local_mode_checkpoints_go_to_the_run_folder_and_the_oldest_beyond_the_limit_are_removed(
+        tiny_model_dir, tmp_path):
+    # Ray Train's local mode keeps no checkpoints: the writer puts them where a re-run looks.
+    models, optimizer = trained(tiny_model_dir)
+    writer = CheckpointWriter(0, {}, lambda message: None, local_run_dir=tmp_path, keep=2)
+    for step in (6, 12, 18):
+        writer.write_locally(checkpoint_name(step), snapshot(0, models, optimizer, step, [], {}, {"num_workers": 1}))
+    assert [folder.name for folder in complete_checkpoints(tmp_path)] == ["step-0000012", "step-0000018"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000012", "step-0000018"]

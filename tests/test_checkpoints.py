@@ -209,16 +209,18 @@ def test_a_named_checkpoint_is_resumed_and_one_of_other_settings_is_refused(runs
     assert [row["step"] for row in history] == list(range(1, 61))
 
 
+@pytest.mark.parametrize("mode, told", [("--local_mode", "training failed: "),
+                                         ("--no_local_mode", "training failed on a worker: ")])
 def test_a_worker_failure_is_one_line_and_its_traceback_goes_to_a_log_file(model_copy, subject_dir, tmp_path,
-                                                                           capsys):
+                                                                           capsys, mode, told):
     from raybooth.cli import main
 
     config = json.loads((model_copy / "unet" / "config.json").read_text())
     (model_copy / "unet" / "config.json").write_text(json.dumps(config | {"cross_attention_dim": "wide"}))
     class_dir = write_solid_images(tmp_path / "class", (0, 0, 200), 4)[0].parent
-    assert main(train_args(model_copy, tmp_path / "tuned", subject_dir, class_dir, "--no_use_gpu")) == 1
+    assert main(train_args(model_copy, tmp_path / "tuned", subject_dir, class_dir, "--no_use_gpu", mode)) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("raybooth: error: training failed on a worker: "), error
+    assert error.startswith(f"raybooth: error: {told}"), error
     log_file = Path(error.rsplit("the full traceback is in ", 1)[1].rstrip(")"))
     assert "Traceback" in log_file.read_text() and "cross_attention_dim" in log_file.read_text()
 

@@ -102,7 +102,8 @@ def test_a_worker_that_cannot_see_the_output_hands_its_weights_over_as_a_checkpo
     monkeypatch.setattr("raybooth.worker.OUTPUT_TOKEN", ".elsewhere")  # the driver's, not the workers'
     output, class_dir = tmp_path / "tuned", tmp_path / "class"
     write_solid_images(class_dir, (0, 0, 200), 4)
-    assert main(train_args(tiny_model_dir, output, subject_dir, class_dir, "--max_train_steps", "3")) == 0
+    assert main(train_args(tiny_model_dir, output, subject_dir, class_dir, "--max_train_steps", "3",
+                           "--no_local_mode")) == 0  # a worker process: in local mode it is the driver
     assert "taking the weights from its Ray Train checkpoint" in capsys.readouterr().err
     assert len(json.loads((output / "training_log.json").read_text())["history"]) == 3
     assert differs(weights(output, "unet"), weights(tiny_model_dir, "unet"))
@@ -203,6 +204,7 @@ def add_text_file(folder):
     (lambda m, i, c: add_text_file(c), [], "class images folder .* not images: readme.txt"),
     (lambda m, i, c: None, ["--resolution", "60"], "must be a multiple of 8"),
     (lambda m, i, c: None, ["--gpus_per_worker", "2", "--no_use_gpu"], "needs GPUs"),
+    (lambda m, i, c: None, ["--local_mode", "--max_failures", "1"], "does not go with --max_failures"),
     (lambda m, i, c: None, ["--num_class_images", "0"], "--num_class_images must be at least 1"),
     # Numbers that parse but would train a model of NaN weights, or crash in a worker.
     (lambda m, i, c: None, ["--lr", "inf"], "--lr must be a finite number, got inf"),

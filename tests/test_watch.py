@@ -208,12 +208,14 @@ def run_capturing_stderr(argv: list[str]) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def watched_run(ray_cluster, tiny_model_dir, subject_dir, tmp_path_factory):
-    """One short training run with validation grids and samples, as the user would watch it."""
+    """One short training run with validation grids and samples, as the user would watch it, on a
+    Ray Train worker process (not local mode): Ray forwards its lines, and they must not clutter ours."""
     folder = tmp_path_factory.mktemp("watched")
     code, err = run_capturing_stderr(train_args(
         tiny_model_dir, folder / "tuned", subject_dir, folder / "class", "--validation_prompt", INSTANCE_PROMPT,
         "--validation_steps", "2", "--num_validation_images", "3", "--validation_inference_steps", "2",
-        "--sample_prompts", INSTANCE_PROMPT, "--num_samples_per_prompt", "2", "--samples_dir", str(folder / "samples")))
+        "--sample_prompts", INSTANCE_PROMPT, "--num_samples_per_prompt", "2", "--samples_dir", str(folder / "samples"),
+        "--no_local_mode"))
     assert code == 0, err
     return folder, err
 
@@ -273,7 +275,7 @@ def test_verbose_shows_rays_lines_and_a_lora_output_gets_its_report(watched_run,
     folder, _ = watched_run
     output = tmp_path / "lora"
     code, err = run_capturing_stderr(train_args(tiny_model_dir, output, subject_dir, folder / "class", "--use_lora",
-                                                "--report_to", "none", "--verbose"))
+                                                "--report_to", "none", "--verbose", "--no_local_mode"))
     assert code == 0, err
     assert "Reporting training result 1: TrainingReport(" in err
     assert "watch the run: tensorboard" not in err

@@ -67,7 +67,12 @@ def is_complete(folder: Path) -> bool:
     return all((Path(folder) / name).is_file() for name in (TRAINED, OPTIMIZER, *ranks))
 
 
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoint folders in a local run folder, oldest first."""
+    return sorted(p.parent for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*/{STATE}") if is_complete(p.parent))
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint folder in a local run folder, if any."""
-    found = sorted(p.parent for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*/{STATE}") if is_complete(p.parent))
+    found = complete_checkpoints(run_dir)
     return found[-1] if found else None

@@ -105,6 +105,11 @@ def start_autoscaling_coordinator() -> None:
     get_or_create_autoscaling_coordinator()
 
 
+def started_here() -> bool:
+    """Whether this process started the Ray it uses (rather than attaching to a cluster)."""
+    return _started_here
+
+
 def cluster_resource(name: str) -> float:
     import ray
 

@@ -59,6 +59,14 @@ class RunFolder:
         log(f"resuming from the checkpoint at step {read_state(folder)['step']} in {folder}")
         return str(folder)
 
+    def remove(self, result) -> None:
+        """The finished run's folder: Ray Train's (`result.path`), or local mode's, which holds
+        only the checkpoints written during the run, if any."""
+        if result.path:
+            result.filesystem.delete_dir(result.path)
+        elif self.local_path and self.local_path.exists():
+            shutil.rmtree(self.local_path)
+
     def after_failure(self, interrupted: bool) -> None:
         """Say how to resume, or remove a run folder that holds nothing to resume from."""
         if self.local_path is None or not self.local_path.exists():

@@ -8,14 +8,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import threading
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from raybooth.checkpoint_folders import fingerprint
-from raybooth.cluster import check_fits, cluster_resource, connect, cpus_per_worker, decide_use_gpu, node_count
+from raybooth.cluster import check_fits, cluster_resource, connect, decide_use_gpu, node_count, started_here
 from raybooth.config import TrainConfig
 from raybooth.data import image_dataset
 from raybooth.errors import RayboothError
@@ -32,9 +30,6 @@ from raybooth.watch.progress import terminal_shows_bars
 from raybooth.watch.raylog import send_ray_output
 from raybooth.watch.report import report_run
 
-if TYPE_CHECKING:
-    from raybooth.worker import TrainPlan
-
 
 def train(cfg: TrainConfig, extra_samples: tuple[SampleSet, ...] = ()) -> Path:
     """Fine-tune `cfg.model_dir` on the subject; returns the output pipeline folder. The workers
@@ -50,9 +45,11 @@ def train(cfg: TrainConfig, extra_samples: tuple[SampleSet, ...] = ()) -> Path:
         logs = RunLogs.for_run(cfg, started, run.local_path, run.name)
         send_ray_output(logs.ray_log, cfg.verbose)
         connect(cfg.address, cfg.verbose)
-        from raybooth.worker import OUTPUT_TOKEN, TrainPlan  # torch and Ray Train (3 s): bad input fails before
+        from raybooth.launch import fit, local_devices  # torch and Ray Train (3 s): bad input fails before
+        from raybooth.worker import OUTPUT_TOKEN, TrainPlan
         logs.announce(cfg)
         use_gpu, gpus_per_worker = worker_gpus(cfg)
+        local = cfg.uses_local_mode(started_here())
         class_entries = plan_class_images(cfg)
         main_samples = (SampleSet(cfg.samples_dir, cfg.sample_prompts, cfg.num_samples_per_prompt, cfg.seed)
                         if cfg.sample_prompts else None)
@@ -69,11 +66,13 @@ def train(cfg: TrainConfig, extra_samples: tuple[SampleSet, ...] = ()) -> Path:
             output_partial=str(partial), output_token=token,
             pairs_per_worker=max(math.ceil(len(instance_paths) / cfg.num_workers), max(map(len, shares))),
             sample_sets=sample_sets, settings=settings,
-            resume_from=resume_from, logs_dir=logs.run, progress_bars=terminal_shows_bars())
+            resume_from=resume_from, logs_dir=logs.run, progress_bars=terminal_shows_bars(),
+            local_devices=local_devices(use_gpu, gpus_per_worker) if local else None,
+            local_run_dir=run.local_path if local else None)
         to_make = sum("file" in entry for entry in class_entries)
         log(f"fine-tuning {model_dir} on {len(instance_paths)} instance and {len(class_entries)} class images "
             f"({to_make} to generate first) at {resolution} px, {cfg.num_workers} worker(s) on "
-            f"{'GPU' if use_gpu else 'CPU'}")
+            f"{'GPU' if use_gpu else 'CPU'}{' in this process (Ray Train local mode)' if local else ''}")
         result = fit(cfg, plan, datasets(instance_paths, shares, resolution), use_gpu, gpus_per_worker, run)
         log("workers finished")
         if not (partial / TRAINING_LOG).exists():
@@ -83,7 +82,7 @@ def train(cfg: TrainConfig, extra_samples: tuple[SampleSet, ...] = ()) -> Path:
         (partial / OUTPUT_TOKEN).unlink()
         report_run(cfg, logs, partial, instance_paths, main_samples.paths() if main_samples else [], started)
         output_dir = finish_model_dir(partial, cfg.output_dir)
-        result.filesystem.delete_dir(result.path)  # Ray Train's run folder: nothing in it is needed now
+        run.remove(result)  # nothing in the run folder is needed now
     except BaseException as error:
         shutil.rmtree(partial, ignore_errors=True)
         if isinstance(error, KeyboardInterrupt):  # stop the workers before their run folder goes
@@ -191,59 +190,6 @@ def datasets(instance_paths: list[Path], shares: list[list[dict]], resolution: i
         if paths:
             out[f"class_{rank}"] = image_dataset(paths, resolution, max(1, parallelism // len(shares)))
     return out
-
-
-def fit(cfg: TrainConfig, plan: TrainPlan, train_datasets: dict, use_gpu: bool, gpus_per_worker: int, run: RunFolder):
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from raybooth.worker import train_worker
-
-    resources = {"CPU": cpus_per_worker(cfg.num_workers, use_gpu)}
-    if use_gpu:
-        resources["GPU"] = gpus_per_worker
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"config": cfg, "plan": plan},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources,
-                                               placement_strategy=cfg.placement_strategy),
-        run_config=ray.train.RunConfig(
-            name=run.name, storage_path=run.storage,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoints_total_limit),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
-        datasets=train_datasets, dataset_config=ray.train.DataConfig(datasets_to_split=[]))
-    try:
-        return fit_interruptibly(trainer)
-    except ray.train.TrainingFailedError as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        ours = [line.split("RayboothError: ", 1)[1] for line in lines if "RayboothError: " in line]
-        if ours:  # a problem the worker could name
-            raise RayboothError(ours[-1]) from None
-        log_file = run.write_error_log(str(error))
-        raise RayboothError(f"training failed on a worker: {lines[-1] if lines else error!r} "
-                            f"(the full traceback is in {log_file})") from None
-
-
-def fit_interruptibly(trainer):
-    """`trainer.fit()` on a thread of its own. On the main thread Ray Train installs a SIGINT
-    handler that ends the process with exit 1 and no word; this way Ctrl-C reaches the CLI, which
-    says so and exits 130, and the partial output is removed. Ray stops the workers on exit."""
-    outcome: dict = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as error:  # handed to the main thread
-            outcome["error"] = error
-
-    thread = threading.Thread(target=fit, name="raybooth-fit", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.5)  # a timed wait, so that KeyboardInterrupt is raised here
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
 
 
 def summarize(history: list[dict]) -> None:

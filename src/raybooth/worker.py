@@ -1,5 +1,6 @@
-"""The loop each Ray Train worker runs: set up, train, save. Ray appears only where it adds
-something: the worker's devices and rank, its datasets, and report/checkpoint.
+"""The loop each Ray Train worker runs (in Ray Train's local mode, the command's own process runs
+it: launch.py): set up, train, save. Ray appears only where it adds something: the worker's
+devices and rank, its datasets, and report/checkpoint.
 
 A worker does all of its GPU's work in one process: it reads its images from Ray Data while the
 model loads, makes its share of the missing class images with that model, then trains and (rank
@@ -66,6 +67,10 @@ class TrainPlan:
     resume_from: str | None = None  # a checkpoint folder to start from when Ray Train has none of this run
     logs_dir: Path | None = None  # this run's logs folder (TensorBoard, validation grids)
     progress_bars: bool = False  # whether the driver's terminal shows progress bars
+    # Ray Train's local mode (the one worker in the command's process): the devices, which Ray
+    # Train assigns otherwise, and the run folder that CheckpointWriter writes checkpoints to.
+    local_devices: list[str] | None = None
+    local_run_dir: Path | None = None
 
     def total_steps(self, cfg: TrainConfig) -> int:
         pairs_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps
@@ -84,7 +89,8 @@ def train_worker(loop_config: dict) -> None:
     watch = RunWatch(cfg, plan, rank, say)
 
     # Setup. With two GPUs per worker the text encoder takes the second one.
-    devices = ray.train.torch.get_devices()
+    devices = ([torch.device(name) for name in plan.local_devices] if plan.local_devices
+               else ray.train.torch.get_devices())
     device, text_encoder_device = devices[0], devices[-1]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -145,7 +151,7 @@ def train_worker(loop_config: dict) -> None:
         f"{'bf16 weights over fp32 masters, ' if models.masters is not None else ''}"
         f"{'channels-last UNet, ' if channels_last else ''}"
         f"{'CUDA graph, ' if isinstance(step, GraphedStep) else ''}{losses.total_steps} steps")
-    checkpoints = CheckpointWriter(rank, plan.settings, say)
+    checkpoints = CheckpointWriter(rank, plan.settings, say, plan.local_run_dir, cfg.checkpoints_total_limit)
     watch.mark("setup")
 
     # Train.
@@ -185,6 +191,7 @@ def train_worker(loop_config: dict) -> None:
         watch.mark("save")
         checkpoint = ray.train.Checkpoint.from_directory(scratch) if rank == 0 and folder == Path(scratch) else None
         watch.finish(metrics, losses.images_per_step, folder if rank == 0 else None)  # beside the training log
+        checkpoints.wait()
         ray.train.report(metrics, checkpoint=checkpoint)
 
 

@@ -76,6 +76,10 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
                                                    "over.")
     max_failures: int = option(0, "Times Ray Train may restart the workers after one dies (lost node, OOM), "
                                   "each time from the latest checkpoint.")
+    local_mode: bool | None = option(None, "Run the one worker in this command's own process (Ray Train's local "
+                                           "mode): no worker process to start and set up, about 10 s sooner, but "
+                                           "Ray Train cannot restart it (default: on for one worker on a Ray this "
+                                           "command starts, with --max_failures 0 and a local --storage_path).")
     overwrite: bool = option(False, "Replace a model already in --output_dir.")
     sample_batch_size: int | None = option(None, "Batch size for generating missing class images "
                                                  "(default: 16 on GPU, 4 on CPU).")
@@ -105,6 +109,8 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
         self.validate_watch(self.output_dir)
         if self.max_failures < 0:
             raise RayboothError(f"--max_failures must be 0 or more, got {self.max_failures}")
+        if self.local_mode and (blocker := self.local_mode_blocker()):
+            raise RayboothError(f"--local_mode runs one worker in this process; it does not go with {blocker}")
         if self.prior_loss_weight < 0 or self.max_grad_norm <= 0:
             raise RayboothError("--prior_loss_weight must be >= 0 and --max_grad_norm > 0")
         if self.gpus_per_worker == 2 and self.use_gpu is False:
@@ -151,6 +157,22 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
         if self.channels_last is not None:
             return self.channels_last
         return device_type == "cuda" and world_size == 1 and self.train_batch_size == 1 and not self.use_lora
+
+    def local_mode_blocker(self) -> str | None:
+        """The option that needs Ray Train's worker processes, if any: several workers, restarts
+        of a lost one, and storage that only Ray Train writes to (a URI)."""
+        for flag, on in (("--num_workers above 1", self.num_workers > 1), ("--max_failures", self.max_failures > 0),
+                         ("a --storage_path URI", "://" in (self.storage_path or ""))):
+            if on:
+                return flag
+        return None
+
+    def uses_local_mode(self, started_here: bool) -> bool:
+        """As --local_mode says, else wherever nothing needs a worker process and this command
+        started the Ray it uses (on a cluster the command's own machine may have no GPU)."""
+        if self.local_mode is not None:
+            return self.local_mode
+        return started_here and self.local_mode_blocker() is None
 
     def learning_rate(self) -> float:
         """--lr, or its default for the kind of training: LoRA adapters start at zero and need

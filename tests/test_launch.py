@@ -1,0 +1,80 @@
+"""Handing the loop to Ray Train: which runs stay in the command's process (local mode), and
+how a loop there ends on Ctrl-C or on a failure."""
+
+import _thread
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from raybooth.errors import RayboothError
+from raybooth.launch import fit_interruptibly, fit_locally, local_devices
+from raybooth.runs import RunFolder
+
+from test_worker import config
+
+
+def test_one_worker_on_a_ray_this_command_started_runs_in_its_process():
+    assert config().uses_local_mode(started_here=True)
+    assert not config().uses_local_mode(started_here=False)  # on a cluster this machine may have no GPU
+    assert not config(num_workers=2).uses_local_mode(started_here=True)
+    assert not config(max_failures=1).uses_local_mode(started_here=True)  # restarts need a worker process
+    assert not config(storage_path="s3://bucket/runs").uses_local_mode(started_here=True)
+    assert config(local_mode=True).uses_local_mode(started_here=False)
+    assert not config(local_mode=False).uses_local_mode(started_here=True)
+    with pytest.raises(RayboothError, match="--local_mode runs one worker in this process; it does not go with "
+                                            "--num_workers above 1"):
+        config(local_mode=True, num_workers=2).validate()
+    assert local_devices(use_gpu=True, gpus_per_worker=2) == ["cuda:0", "cuda:1"]
+    assert local_devices(use_gpu=False, gpus_per_worker=0) == ["cpu"]
+
+
+class Trainer:
+    """A stand-in for TorchTrainer whose fit() runs `loop` in the calling thread."""
+
+    def __init__(self, loop):
+        self.loop = loop
+
+    def fit(self):
+        return self.loop()
+
+
+def test_ctrl_c_stops_a_loop_in_this_process_before_the_clean_up_begins():
+    steps, stopped = [], threading.Event()
+
+    def loop():
+        try:
+            while True:
+                steps.append(len(steps))
+                time.sleep(0.01)
+        finally:
+            stopped.set()
+
+    threading.Timer(0.5, _thread.interrupt_main).start()  # Ctrl-C, as the main thread receives it
+    with pytest.raises(KeyboardInterrupt):
+        fit_interruptibly(Trainer(loop), stop_on_interrupt=True)
+    assert stopped.is_set() and steps  # ended, not left running beside the clean-up
+    count = len(steps)
+    time.sleep(0.1)
+    assert len(steps) == count
+
+
+def test_a_failure_in_local_mode_is_one_line_with_the_traceback_in_a_file(tmp_path):
+    threads = torch.get_num_threads()
+    seen = {}
+
+    def loop():
+        seen["threads"] = torch.get_num_threads()
+        raise ValueError("cross_attention_dim must be a number\nmore detail")
+
+    run = RunFolder(SimpleNamespace(storage_path=str(tmp_path), output_dir=tmp_path / "tuned"))
+    with pytest.raises(RayboothError, match=r"^training failed: ValueError: cross_attention_dim must be a number "
+                                            r"\(the full traceback is in .*\)$") as failure:
+        fit_locally(Trainer(loop), cpus=1.0, run=run)
+    assert seen["threads"] == 1  # as a Ray worker of one CPU has it
+    assert torch.get_num_threads() == threads  # this process's own again
+    log_file = Path(str(failure.value).rsplit("the full traceback is in ", 1)[1].rstrip(")"))
+    assert "Traceback" in log_file.read_text() and "more detail" in log_file.read_text()
