@@ -2,9 +2,10 @@
 for a second copy: milliseconds; else into page-locked host memory: 9 s the first time for SD-1.5's
 12 GB on an H100's host, while the memory is pinned, 0.2 s after), then Ray Train's upload thread
 writes it, straight into the run's storage folder when this node sees it, so nothing is copied
-after the write (in Ray Train's local mode, which keeps no checkpoints, a thread of ours does). Training goes on meanwhile (on an H100 a checkpoint of SD-1.5 costs it about
-1 s; bench/RESULTS.md, issue 5), and the metric reports due before every worker's write is done
-are skipped: Ray Train keeps reports in order, so one made now would wait for the write."""
+after the write (in Ray Train's local mode, which keeps no checkpoints, a thread of ours writes
+it). Training goes on meanwhile (on an H100 a checkpoint of SD-1.5 costs it about 1 s;
+bench/RESULTS.md, issue 5), and the metric reports due before every worker's write is done are
+skipped: Ray Train keeps reports in order, so one made now would wait for the write."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Handing the training loop to Ray Train: to worker processes, or, for one worker on the
 machine the command runs on, to Ray Train's local mode, which runs the same loop in the
-command's own process. A worker process costs about 10 s before the loop starts (Ray Train's
-controller and worker actors, each a fresh process importing torch, and its process group);
-local mode skips all of it (bench/RESULTS.md). What Ray Train's workers give besides, restarts
+command's own process. A worker process costs 11-16 s on an H100 before the loop starts (Ray
+Train's controller and worker actors, each a fresh process importing torch, and its process
+group); local mode skips all of it (bench/RESULTS.md). What Ray Train's workers give besides, restarts
 after a failure and checkpoints on remote storage, needs them (TrainConfig.local_mode_blocker)."""
 
 from __future__ import annotations
