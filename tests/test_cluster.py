@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -84,3 +85,25 @@ def test_the_ray_a_command_started_is_gone_when_the_command_exits():
         return True
 
     assert [pid for pid in pids if alive(pid)] == []
+
+
+def test_a_local_rays_workers_get_its_address_and_the_nccl_settings_without_a_runtime_env():
+    # A job-wide runtime_env would keep Ray from handing out its idle workers (each task would
+    # start a process); the settings reach the workers through the environment they inherit.
+    code = ("import json, os, ray\n"
+            "from raybooth.cluster import connect\n"
+            "connect()\n"
+            "@ray.remote(num_cpus=0)\n"
+            "def seen():\n"
+            "    return os.environ.get('RAY_ADDRESS'), os.environ.get('NCCL_NVLS_ENABLE')\n"
+            "context = ray.get_runtime_context()\n"
+            "print(json.dumps([ray.get(seen.remote()), os.environ.get('RAY_ADDRESS'), dict(context.runtime_env),\n"
+            "                  context.gcs_address]))\n")
+    environment = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=environment | {"NCCL_NVLS_ENABLE": "0"})
+    assert done.returncode == 0, done.stderr
+    (worker_address, worker_nccl), driver_address, runtime_env, gcs_address = json.loads(done.stdout.splitlines()[-1])
+    assert worker_address == gcs_address and worker_nccl == "0"
+    assert driver_address is None  # the command's own environment is as it was
+    assert not runtime_env.get("env_vars")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from raybooth.errors import RayboothError
-from raybooth.launch import fit_interruptibly, fit_locally, local_devices
+from raybooth.launch import fit_interruptibly, fit_locally, local_devices, preload, preloaded_models
 from raybooth.runs import RunFolder
 
 from test_worker import config
@@ -85,3 +85,24 @@ def test_a_failure_in_local_mode_is_one_line_with_the_traceback_in_a_file(tmp_pa
     assert torch.get_num_threads() == threads  # this process's own again
     log_file = Path(str(failure.value).rsplit("the full traceback is in ", 1)[1].rstrip(")"))
     assert "Traceback" in log_file.read_text() and "more detail" in log_file.read_text()
+
+
+def test_the_models_load_before_ray_starts_where_the_run_will_be_in_local_mode(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert preload(config(address="10.0.0.1:6379"), tiny_model_dir) is None  # a cluster: worker processes
+    assert preload(config(num_workers=2), tiny_model_dir) is None
+    assert preload(config(local_mode=False), tiny_model_dir) is None
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert preload(config(), tiny_model_dir) is None
+    monkeypatch.delenv("RAY_ADDRESS")
+
+    devices, models = preload(config(use_gpu=False), tiny_model_dir).result(timeout=300)
+    assert devices == ["cpu"] and models.unet.device.type == "cpu"
+    assert models.unet.dtype == torch.float32 and models.unet.training  # as load_for_training leaves them
+    on_cpu, elsewhere = (SimpleNamespace(local_devices=names) for names in (["cpu"], ["cuda:0"]))
+    loaded = preload(config(use_gpu=False), tiny_model_dir)
+    assert preloaded_models(loaded, on_cpu) is not None
+    assert preloaded_models(loaded, elsewhere) is None  # Ray saw other devices: the worker loads anew
+    assert preloaded_models(None, on_cpu) is None
+    with pytest.raises(OSError):  # a failed load fails where the worker takes the models (no model here)
+        preloaded_models(preload(config(use_gpu=False), tmp_path), on_cpu)

@@ -125,11 +125,12 @@ def test_the_driver_checks_its_input_before_importing_torch(tiny_model_dir, subj
     # torch and Ray Train take the driver 3 s to import (more on a small machine): the checks and
     # plans before Ray starts do without them, so that bad input fails at once.
     args = train_args(tiny_model_dir, tmp_path / "out", subject_dir, tmp_path / "class")
+    # (A good run's first heavy step: the models start loading, then Ray starts.)
     code = ("import os, sys\n"
             "import raybooth.trainer\n"
-            "def connect(*_):\n"
+            "def preload(*_):\n"
             "    os._exit(3 if 'torch' in sys.modules else 0)\n"
-            "raybooth.trainer.connect = connect\n"
+            "raybooth.trainer.preload = preload\n"
             "from raybooth.cli import main\n"
             f"main({args!r})\n"
             "os._exit(4)\n")

@@ -51,19 +51,28 @@ def connect(address: str | None = None, verbose: bool = False) -> None:
 def start_local_ray(**options) -> None:
     """Start Ray on this machine on a GCS port chosen here, and give its processes that address.
     Ray's helpers that look a cluster up by themselves (Ray Train's placement-group cleaner uses
-    the state API) otherwise find every Ray on the machine, and fail when two commands run at once."""
+    the state API) otherwise find every Ray on the machine, and fail when two commands run at once.
+
+    The address reaches the workers through the environment they inherit from the node's
+    processes, as this process's NCCL settings do, not through a job-wide runtime_env: with one,
+    Ray starts a fresh process for every task and actor of the driver's (Ray Data's reads in local
+    mode) instead of handing out the idle workers it starts with the node (bench/RESULTS.md)."""
     import ray
 
     with socket.socket() as probe:  # a free port; Ray takes it a moment later
         probe.bind(("", 0))
         port = probe.getsockname()[1]
-    own_address = f"{ray.util.get_node_ip_address()}:{port}"
-    os.environ[GCS_PORT_VARIABLE] = str(port)
+    inherited = {GCS_PORT_VARIABLE: str(port), "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}
+    before = {name: os.environ.get(name) for name in inherited}
+    os.environ.update(inherited)
     try:
-        ray.init(address="local", runtime_env={"env_vars": {"RAY_ADDRESS": own_address, **forwarded_environment()}},
-                 **options)
-    finally:
-        del os.environ[GCS_PORT_VARIABLE]
+        ray.init(address="local", **options)
+    finally:  # this process's own environment as it was: a later connect() must not take RAY_ADDRESS for a cluster
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     atexit.unregister(stop_local_ray)
     atexit.register(stop_local_ray)  # runs before Ray's own exit hook, registered when Ray was imported
 

@@ -3,20 +3,30 @@ machine the command runs on, to Ray Train's local mode, which runs the same loop
 command's own process. A worker process costs 11-16 s on an H100 before the loop starts (Ray
 Train's controller and worker actors, each a fresh process importing torch, and its process
 group); local mode skips all of it (bench/RESULTS.md). What Ray Train's workers give besides, restarts
-after a failure and checkpoints on remote storage, needs them (TrainConfig.local_mode_blocker)."""
+after a failure and checkpoints on remote storage, needs them (TrainConfig.local_mode_blocker).
+
+In local mode the models can load while Ray starts (`preload`): `ray.init` mostly waits for Ray's
+processes, so a thread loading the models beside it costs it little (bench/RESULTS.md).
+This module imports no torch until called: the driver calls `preload` before Ray starts."""
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import threading
 import traceback
+from concurrent.futures import Future
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from raybooth.cluster import cpus_per_worker
 from raybooth.config import TrainConfig
 from raybooth.errors import RayboothError
 from raybooth.runs import RunFolder
-from raybooth.worker import TrainPlan, train_worker
+
+if TYPE_CHECKING:
+    from raybooth.worker import TrainPlan
 
 
 def local_devices(use_gpu: bool, gpus_per_worker: int) -> list[str]:
@@ -24,16 +34,59 @@ def local_devices(use_gpu: bool, gpus_per_worker: int) -> list[str]:
     return [f"cuda:{index}" for index in range(gpus_per_worker)] if use_gpu else ["cpu"]
 
 
-def fit(cfg: TrainConfig, plan: TrainPlan, train_datasets: dict, use_gpu: bool, gpus_per_worker: int, run: RunFolder):
+def preload(cfg: TrainConfig, model_dir: Path) -> Future | None:
+    """Where the run will be in local mode (on a Ray this command starts), the models start
+    loading now, on a thread, before Ray starts; the Future gives (device names, models). The
+    devices are guessed from torch (Ray has not counted the GPUs yet): the worker loads anew if
+    they turn out other than the plan's."""
+    if cfg.address or os.environ.get("RAY_ADDRESS") or not cfg.uses_local_mode(started_here=True):
+        return None
+    loading: Future = Future()
+
+    def load() -> None:
+        try:
+            import torch
+
+            from raybooth.log import quiet_model_libraries
+            from raybooth.models import load_for_training
+            from raybooth.training import Precision
+
+            quiet_model_libraries()
+            use_gpu = torch.cuda.is_available() if cfg.use_gpu is None else cfg.use_gpu
+            names = local_devices(use_gpu, cfg.gpus_per_worker)
+            devices = [torch.device(name) for name in names]
+            models = load_for_training(model_dir, devices[0], devices[-1], Precision(cfg.mixed_precision,
+                                       devices[0]).frozen_dtype, cfg.trains_text_encoder, lora=cfg.use_lora)
+            loading.set_result((names, models))
+        except BaseException as error:  # raised where the worker takes the models
+            loading.set_exception(error)
+
+    threading.Thread(target=load, name="raybooth-preload", daemon=True).start()  # daemon: Ctrl-C need not wait
+    return loading
+
+
+def preloaded_models(preloaded: Future | None, plan: TrainPlan):
+    """In the worker: the models `preload` loaded, once loaded, where they sit on the devices the
+    plan gives it; else None (and it loads them itself)."""
+    if preloaded is None:
+        return None
+    devices, models = preloaded.result()
+    return models if devices == plan.local_devices else None
+
+
+def fit(cfg: TrainConfig, plan: TrainPlan, train_datasets: dict, use_gpu: bool, gpus_per_worker: int, run: RunFolder,
+        preloaded: Future | None = None):
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from raybooth.worker import train_worker
 
     local = plan.local_devices is not None
     cpus = cpus_per_worker(cfg.num_workers, use_gpu)
     resources = {"CPU": cpus, **({"GPU": gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg, "plan": plan},
+        train_loop_config={"config": cfg, "plan": plan, **({"preloaded": preloaded} if local and preloaded else {})},
         scaling_config=ray.train.ScalingConfig(num_workers=0) if local else ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
             placement_strategy=cfg.placement_strategy),

@@ -19,6 +19,7 @@ from raybooth.data import image_dataset
 from raybooth.errors import RayboothError
 from raybooth.generate import generated_for, image_name, image_seed, prompt_digest
 from raybooth.images import find_images, image_files
+from raybooth.launch import fit, local_devices, preload
 from raybooth.log import log
 from raybooth.models import (TRAINING_LOG, check_output_dir, copy_base_components, copy_trained, finish_model_dir,
                              resolve_model_dir, resolve_resolution, start_model_dir)
@@ -42,11 +43,11 @@ def train(cfg: TrainConfig, extra_samples: tuple[SampleSet, ...] = ()) -> Path:
     partial = start_output(cfg)
     class_dir_is_new = not class_dir(cfg).exists()
     try:
+        preloaded = preload(cfg, model_dir)  # local mode: the models load while Ray starts
         logs = RunLogs.for_run(cfg, started, run.local_path, run.name)
         send_ray_output(logs.ray_log, cfg.verbose)
         connect(cfg.address, cfg.verbose)
-        from raybooth.launch import fit, local_devices  # torch and Ray Train (3 s): bad input fails before
-        from raybooth.worker import OUTPUT_TOKEN, TrainPlan
+        from raybooth.worker import OUTPUT_TOKEN, TrainPlan  # torch and Ray Train (3 s): bad input fails before
         logs.announce(cfg)
         use_gpu, gpus_per_worker = worker_gpus(cfg)
         local = cfg.uses_local_mode(started_here())
@@ -73,7 +74,7 @@ def train(cfg: TrainConfig, extra_samples: tuple[SampleSet, ...] = ()) -> Path:
         log(f"fine-tuning {model_dir} on {len(instance_paths)} instance and {len(class_entries)} class images "
             f"({to_make} to generate first) at {resolution} px, {cfg.num_workers} worker(s) on "
             f"{'GPU' if use_gpu else 'CPU'}{' in this process (Ray Train local mode)' if local else ''}")
-        result = fit(cfg, plan, datasets(instance_paths, shares, resolution), use_gpu, gpus_per_worker, run)
+        result = fit(cfg, plan, datasets(instance_paths, shares, resolution), use_gpu, gpus_per_worker, run, preloaded)
         log("workers finished")
         if not (partial / TRAINING_LOG).exists():
             log("rank 0 could not see the output folder; taking the weights from its Ray Train checkpoint")

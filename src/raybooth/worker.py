@@ -34,6 +34,7 @@ from raybooth.config import TrainConfig
 from raybooth.data import read_all, tokenize
 from raybooth.errors import RayboothError
 from raybooth.graphs import GraphedStep
+from raybooth.launch import preloaded_models
 from raybooth.log import clock_start, log, quiet_model_libraries, set_clock
 from raybooth.losslog import LossLog
 from raybooth.masters import MasterWeights
@@ -105,8 +106,9 @@ def train_worker(loop_config: dict) -> None:
     with ThreadPoolExecutor(1) as pool:
         reading = pool.submit(read_images, rank, [entry["path"] for entry in share if "path" in entry], say)
         loading = time.monotonic()
-        models = load_for_training(model_dir, device, text_encoder_device, precision.frozen_dtype,
-                                   cfg.trains_text_encoder, lora=cfg.use_lora)
+        models = (preloaded_models(loop_config.get("preloaded"), plan)
+                  or load_for_training(model_dir, device, text_encoder_device, precision.frozen_dtype,
+                                       cfg.trains_text_encoder, lora=cfg.use_lora))
         say(f"model loaded on {device} in {time.monotonic() - loading:.1f} s")
         # No safety checker: the black images it returns for flagged samples would teach the prior.
         made = make_images_on_worker(models, model_dir, [entry for entry in share if "file" in entry],
