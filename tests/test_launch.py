@@ -96,13 +96,12 @@ def test_the_models_load_before_ray_starts_where_the_run_will_be_in_local_mode(t
     assert preload(config(), tiny_model_dir) is None
     monkeypatch.delenv("RAY_ADDRESS")
 
-    devices, models = preload(config(use_gpu=False), tiny_model_dir).result(timeout=300)
-    assert devices == ["cpu"] and models.unet.device.type == "cpu"
-    assert models.unet.dtype == torch.float32 and models.unet.training  # as load_for_training leaves them
     on_cpu, elsewhere = (SimpleNamespace(local_devices=names) for names in (["cpu"], ["cuda:0"]))
-    loaded = preload(config(use_gpu=False), tiny_model_dir)
-    assert preloaded_models(loaded, on_cpu) is not None
-    assert preloaded_models(loaded, elsewhere) is None  # Ray saw other devices: the worker loads anew
+    loading = preload(config(use_gpu=False), tiny_model_dir)
+    models = preloaded_models(loading, on_cpu)
+    assert models.unet.device.type == "cpu" and models.unet.dtype == torch.float32 and models.unet.training
+    assert loading.loaded is None  # handed over: gone with the loop that takes them
+    assert preloaded_models(preload(config(use_gpu=False), tiny_model_dir), elsewhere) is None  # Ray saw others
     assert preloaded_models(None, on_cpu) is None
     with pytest.raises(OSError):  # a failed load fails where the worker takes the models (no model here)
         preloaded_models(preload(config(use_gpu=False), tmp_path), on_cpu)

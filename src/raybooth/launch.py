@@ -2,12 +2,14 @@
 machine the command runs on, to Ray Train's local mode, which runs the same loop in the
 command's own process. A worker process costs 11-16 s on an H100 before the loop starts (Ray
 Train's controller and worker actors, each a fresh process importing torch, and its process
-group); local mode skips all of it (bench/RESULTS.md). What Ray Train's workers give besides, restarts
-after a failure and checkpoints on remote storage, needs them (TrainConfig.local_mode_blocker).
+group); local mode skips all of it (bench/RESULTS.md). What Ray Train's workers give besides,
+restarts after a failure and checkpoints on remote storage, needs them
+(TrainConfig.local_mode_blocker).
 
-In local mode the models can load while Ray starts (`preload`): `ray.init` mostly waits for Ray's
-processes, so a thread loading the models beside it costs it little (bench/RESULTS.md).
-This module imports no torch until called: the driver calls `preload` before Ray starts."""
+In local mode the models load while Ray starts (`preload`): `ray.init` mostly waits for Ray's
+processes; beside the loading thread it takes about 3 s longer, but the models are then mostly
+loaded when the loop starts (bench/RESULTS.md). This module imports no torch until called: the
+driver calls `preload` before Ray starts."""
 
 from __future__ import annotations
 
@@ -16,9 +18,8 @@ import gc
 import os
 import threading
 import traceback
-from concurrent.futures import Future
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from raybooth.cluster import cpus_per_worker
 from raybooth.config import TrainConfig
@@ -34,48 +35,69 @@ def local_devices(use_gpu: bool, gpus_per_worker: int) -> list[str]:
     return [f"cuda:{index}" for index in range(gpus_per_worker)] if use_gpu else ["cpu"]
 
 
-def preload(cfg: TrainConfig, model_dir: Path) -> Future | None:
+class Preloading:
+    """Models loading on a thread of their own; `take` waits for them and hands them over once,
+    keeping no reference, so that they go (and their GPU memory) when the loop is done with them."""
+
+    def __init__(self, load: Callable[[], tuple[list[str], Any]]):
+        self.done = threading.Event()
+        self.loaded: tuple[list[str], Any] | None = None
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self.loaded = load()
+            except BaseException as error:  # raised where the worker takes the models
+                self.error = error
+            finally:
+                self.done.set()
+
+        threading.Thread(target=run, name="raybooth-preload", daemon=True).start()  # daemon: Ctrl-C need not wait
+
+    def take(self) -> tuple[list[str], Any]:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        loaded, self.loaded = self.loaded, None
+        return loaded
+
+
+def preload(cfg: TrainConfig, model_dir: Path) -> Preloading | None:
     """Where the run will be in local mode (on a Ray this command starts), the models start
-    loading now, on a thread, before Ray starts; the Future gives (device names, models). The
-    devices are guessed from torch (Ray has not counted the GPUs yet): the worker loads anew if
-    they turn out other than the plan's."""
+    loading now, before Ray starts: (device names, models). The devices are guessed from torch
+    (Ray has not counted the GPUs yet): the worker loads anew if they are other than the plan's."""
     if cfg.address or os.environ.get("RAY_ADDRESS") or not cfg.uses_local_mode(started_here=True):
         return None
-    loading: Future = Future()
 
-    def load() -> None:
-        try:
-            import torch
+    def load() -> tuple[list[str], Any]:
+        import torch
 
-            from raybooth.log import quiet_model_libraries
-            from raybooth.models import load_for_training
-            from raybooth.training import Precision
+        from raybooth.log import quiet_model_libraries
+        from raybooth.models import load_for_training
+        from raybooth.training import Precision
 
-            quiet_model_libraries()
-            use_gpu = torch.cuda.is_available() if cfg.use_gpu is None else cfg.use_gpu
-            names = local_devices(use_gpu, cfg.gpus_per_worker)
-            devices = [torch.device(name) for name in names]
-            models = load_for_training(model_dir, devices[0], devices[-1], Precision(cfg.mixed_precision,
-                                       devices[0]).frozen_dtype, cfg.trains_text_encoder, lora=cfg.use_lora)
-            loading.set_result((names, models))
-        except BaseException as error:  # raised where the worker takes the models
-            loading.set_exception(error)
+        quiet_model_libraries()
+        use_gpu = torch.cuda.is_available() if cfg.use_gpu is None else cfg.use_gpu
+        names = local_devices(use_gpu, cfg.gpus_per_worker)
+        devices = [torch.device(name) for name in names]
+        frozen_dtype = Precision(cfg.mixed_precision, devices[0]).frozen_dtype
+        return names, load_for_training(model_dir, devices[0], devices[-1], frozen_dtype, cfg.trains_text_encoder,
+                                        lora=cfg.use_lora)
 
-    threading.Thread(target=load, name="raybooth-preload", daemon=True).start()  # daemon: Ctrl-C need not wait
-    return loading
+    return Preloading(load)
 
 
-def preloaded_models(preloaded: Future | None, plan: TrainPlan):
+def preloaded_models(preloading: Preloading | None, plan: TrainPlan):
     """In the worker: the models `preload` loaded, once loaded, where they sit on the devices the
     plan gives it; else None (and it loads them itself)."""
-    if preloaded is None:
+    if preloading is None:
         return None
-    devices, models = preloaded.result()
+    devices, models = preloading.take()
     return models if devices == plan.local_devices else None
 
 
 def fit(cfg: TrainConfig, plan: TrainPlan, train_datasets: dict, use_gpu: bool, gpus_per_worker: int, run: RunFolder,
-        preloaded: Future | None = None):
+        preloaded: Preloading | None = None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
