@@ -52,3 +52,14 @@ def image_dataset(paths: list[Path], resolution: int, parallelism: int):
 def read_all(shard) -> dict[str, np.ndarray]:
     """A worker's dataset shard, whole: {path: image}."""
     return {row["path"]: row["image"] for row in shard.iter_rows()}
+
+
+def read_worker_images(rank: int, class_paths: list[str], say) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """In a Ray Train worker: all instance images, and this worker's class images, in the plan's
+    order (said when read: this runs beside the model's load)."""
+    import ray.train
+
+    instance = read_all(ray.train.get_dataset_shard("instance"))
+    by_path = read_all(ray.train.get_dataset_shard(f"class_{rank}")) if class_paths else {}
+    say(f"read {len(instance)} instance images and this worker's {len(by_path)} class images")
+    return [instance[path] for path in sorted(instance)], [by_path[path] for path in class_paths]

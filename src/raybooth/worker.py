@@ -20,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -31,7 +30,7 @@ from raybooth.checkpoint_writer import CheckpointWriter, writing_stream
 from raybooth.checkpoint_folders import check_settings, read_state
 from raybooth.checkpoints import restore
 from raybooth.config import TrainConfig
-from raybooth.data import read_all, tokenize
+from raybooth.data import read_worker_images, tokenize
 from raybooth.errors import RayboothError
 from raybooth.graphs import GraphedStep
 from raybooth.launch import preloaded_models
@@ -104,7 +103,7 @@ def train_worker(loop_config: dict) -> None:
                             "the model on storage that every node shares")
     share = plan.class_shares[rank]
     with ThreadPoolExecutor(1) as pool:
-        reading = pool.submit(read_images, rank, [entry["path"] for entry in share if "path" in entry], say)
+        reading = pool.submit(read_worker_images, rank, [entry["path"] for entry in share if "path" in entry], say)
         loading = time.monotonic()
         models = (preloaded_models(loop_config.get("preloaded"), plan)
                   or load_for_training(model_dir, device, text_encoder_device, precision.frozen_dtype,
@@ -244,15 +243,6 @@ def resume(plan: TrainPlan, rank: int, models, optimizer, losses: LossLog, say) 
         step, losses.history, position = restore(Path(folder), rank, models, optimizer)
     say(f"resumed at step {step} from the checkpoint {checkpoint.path}")
     return step, position
-
-
-def read_images(rank: int, class_paths: list[str], say) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """All instance images, and this worker's class images, in the plan's order (said when read:
-    this runs beside the model's load)."""
-    instance = read_all(ray.train.get_dataset_shard("instance"))
-    by_path = read_all(ray.train.get_dataset_shard(f"class_{rank}")) if class_paths else {}
-    say(f"read {len(instance)} instance images and this worker's {len(by_path)} class images")
-    return [instance[path] for path in sorted(instance)], [by_path[path] for path in class_paths]
 
 
 def sees_output(plan: TrainPlan) -> bool:
