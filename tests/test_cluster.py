@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -51,6 +52,22 @@ def test_what_a_local_ray_cannot_grant_fails_at_once_but_an_attached_cluster_may
     monkeypatch.setattr(cluster, "_started_here", False)
     cluster.check_fits("4 workers", 4, "GPU")
     assert "waiting for the cluster to grow" in capsys.readouterr().err
+
+
+def test_whether_connect_will_start_ray_here_is_known_before_it_runs(monkeypatch):
+    ray_state = SimpleNamespace(up=False)
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: ray_state.up))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster.ray_started_here(None)
+    assert not cluster.ray_started_here("10.0.0.1:6379")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert not cluster.ray_started_here(None)
+    ray_state.up = True  # a Ray already up in this process is reused, whatever the address says
+    monkeypatch.setattr(cluster, "_started_here", True)
+    assert cluster.ray_started_here("10.0.0.1:6379")
+    monkeypatch.setattr(cluster, "_started_here", False)
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert not cluster.ray_started_here(None)
 
 
 def test_gpu_communication_settings_are_handed_to_the_workers(monkeypatch):

@@ -3,6 +3,7 @@ how a loop there ends on Ctrl-C or on a failure."""
 
 import _thread
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -88,6 +89,7 @@ def test_a_failure_in_local_mode_is_one_line_with_the_traceback_in_a_file(tmp_pa
 
 
 def test_the_models_load_before_ray_starts_where_the_run_will_be_in_local_mode(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: False))  # a command's start
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert preload(config(address="10.0.0.1:6379"), tiny_model_dir) is None  # a cluster: worker processes
     assert preload(config(num_workers=2), tiny_model_dir) is None

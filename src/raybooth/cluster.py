@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import socket
+import sys
 
 from raybooth.errors import RayboothError
 from raybooth.log import log
@@ -28,7 +29,7 @@ def connect(address: str | None = None, verbose: bool = False) -> None:
     # noticed; the controller reads this when a TorchTrainer starts.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     if not ray.is_initialized():
-        target = address or os.environ.get("RAY_ADDRESS")
+        target = cluster_address(address)
         # Workers log errors only: without Ray's dashboard, Ray Train's placement group cleaner
         # warns every second that it cannot reach the state API, burying our progress lines.
         quiet = dict(logging_level=logging.WARNING, logging_config=ray.LoggingConfig(encoding="TEXT", log_level="ERROR"))
@@ -117,6 +118,20 @@ def start_autoscaling_coordinator() -> None:
 def started_here() -> bool:
     """Whether this process started the Ray it uses (rather than attaching to a cluster)."""
     return _started_here
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The cluster `connect(address)` attaches to when no Ray is up in this process; None: none, it starts one."""
+    return address or os.environ.get("RAY_ADDRESS")
+
+
+def ray_started_here(address: str | None) -> bool:
+    """What `started_here()` will say once `connect(address)` has run, known before it runs and
+    without importing Ray: a Ray already up in this process is reused as it is."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return _started_here
+    return cluster_address(address) is None
 
 
 def cluster_resource(name: str) -> float:

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import os
 import threading
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from raybooth.cluster import cpus_per_worker
+from raybooth.cluster import cpus_per_worker, ray_started_here
 from raybooth.config import TrainConfig
 from raybooth.errors import RayboothError
 from raybooth.runs import RunFolder
@@ -66,7 +65,7 @@ def preload(cfg: TrainConfig, model_dir: Path) -> Preloading | None:
     """Where the run will be in local mode (on a Ray this command starts), the models start
     loading now, before Ray starts: (device names, models). The devices are guessed from torch
     (Ray has not counted the GPUs yet): the worker loads anew if they are other than the plan's."""
-    if cfg.address or os.environ.get("RAY_ADDRESS") or not cfg.uses_local_mode(started_here=True):
+    if not cfg.uses_local_mode(ray_started_here(cfg.address)):  # as the trainer decides it once Ray is up
         return None
 
     def load() -> tuple[list[str], Any]:
