@@ -3,8 +3,8 @@ start-up costs (Ray, a Ray Train worker group, model loading), the training step
 graph, cached class latents, channels_last, batch size and MFU) and generation (batch size,
 fused QKV, sampler and its solver error). Prints one JSON line per measurement.
 
-    python bench/levers.py MODEL_DIR [SECTION ...]    # sections: startup load latents step mfu mfu-compile generate
-                                                      # samplers
+    python bench/levers.py MODEL_DIR [SECTION ...]    # sections: startup load latents step mfu mfu-cl mfu-cl-cudnn mfu-compile generate
+                                                      # samplers first-generate first-generate-flash
                                                       # samplers-no-cudnn-attention; each in a fresh process:
                                                       # first, first-channels-last, first-no-cudnn-attention
 """
@@ -254,6 +254,31 @@ def samplers(model_dir: str, cudnn_attention: bool = True) -> None:
                  batch=batch, s=round(seconds, 2), images_per_s=round(batch / seconds, 2))
 
 
+def first_generate(model_dir: str, cudnn_attention: bool) -> None:
+    """What `raybooth generate` pays before its first images, in a fresh process: the pipeline's
+    import and load, then the first batch of 16 at the seed's settings (50 steps, guidance 7.5),
+    then the second; cuDNN's attention (PyTorch's choice) builds plans in the first call."""
+    started = time.perf_counter()
+    from diffusers import StableDiffusionPipeline
+    imported = time.perf_counter() - started
+    pipeline = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None,
+                                                       requires_safety_checker=False).to(DEVICE, torch.bfloat16)
+    pipeline.set_progress_bar_config(disable=True)
+    torch.cuda.synchronize()
+    loaded = time.perf_counter() - started
+    torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
+    calls = []
+    for _ in range(3):
+        begun = time.perf_counter()
+        generator = [torch.Generator(DEVICE).manual_seed(i) for i in range(16)]
+        pipeline(["a photo of a dog"] * 16, num_inference_steps=50, guidance_scale=7.5, generator=generator,
+                 output_type="np")
+        torch.cuda.synchronize()
+        calls.append(round(time.perf_counter() - begun, 2))
+    emit(what="first generation", cudnn_attention=cudnn_attention, import_s=round(imported, 1),
+         import_and_load_s=round(loaded, 1), batches_of_16_s=calls, steady_images_per_s=round(16 / calls[-1], 2))
+
+
 def matmul_peak() -> float:
     a = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
     b = torch.randn_like(a)
@@ -342,6 +367,18 @@ if __name__ == "__main__":
             except torch.OutOfMemoryError:
                 emit(what="step", pairs=pairs, error="out of memory")
                 break
+    if sections & {"mfu-cl", "mfu-cl-cudnn"}:  # as raybooth trains: channels-last UNet, flash attention (or cuDNN's)
+        torch.backends.cuda.enable_cudnn_sdp("mfu-cl-cudnn" in sections)
+        peak = matmul_peak()
+        for pairs in (8, 16, 24, 32):
+            try:
+                measure_step(model_dir, f"graph + cached + channels_last, cudnn attention {'mfu-cl-cudnn' in sections}",
+                             pairs=pairs, graph=True, cached=True, channels_last=True, flops=True, steps=10, peak=peak)
+            except torch.OutOfMemoryError:
+                emit(what="step", pairs=pairs, error="out of memory")
+                break
+            gc.collect()
+            torch.cuda.empty_cache()
     if "mfu-compile" in sections:  # the largest batches, eager and graphed beside compiled
         peak = matmul_peak()
         for pairs in (8, 16):
@@ -356,5 +393,7 @@ if __name__ == "__main__":
                 torch.cuda.empty_cache()
     if "generate" in sections:
         generate(model_dir)
+    if sections & {"first-generate", "first-generate-flash"}:
+        first_generate(model_dir, cudnn_attention="first-generate-flash" not in sections)
     if sections & {"samplers", "samplers-no-cudnn-attention"}:
         samplers(model_dir, cudnn_attention="samplers-no-cudnn-attention" not in sections)

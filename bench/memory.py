@@ -23,7 +23,7 @@ from raybooth.graphs import GraphedStep
 from raybooth.lora import add_adapters, save_adapters
 from raybooth.models import load_for_training
 from raybooth.optim import enable_gradient_checkpointing
-from raybooth.stepping import train_with_flash_attention
+from raybooth.models import use_flash_attention
 from raybooth.training import Precision, make_optimizer, train_step
 
 DEVICE = torch.device("cuda")
@@ -41,7 +41,7 @@ def main(model_dir: str, variant: str, pairs: int, steps: int = 20) -> None:
         models = dataclasses.replace(models, train_text_encoder=True)
     if variant == "full-cl":
         models.unet.to(memory_format=torch.channels_last)
-    train_with_flash_attention(DEVICE)  # as raybooth trains
+    use_flash_attention(DEVICE)  # as raybooth trains
     loaded_gib = round(torch.cuda.memory_allocated() / 2**30, 2)
     lowmem = variant == "lowmem"
     if lowmem:

@@ -62,7 +62,7 @@ def test_run_passes_on_only_the_training_flags_given():
 
 def test_the_console_script_is_installed_and_errors_are_one_line(tmp_path):
     entry_points = importlib.metadata.entry_points(group="console_scripts")
-    assert any(ep.name == "raybooth" and ep.value == "raybooth.cli:main" for ep in entry_points)
+    assert any(ep.name == "raybooth" and ep.value == "raybooth.cli:run" for ep in entry_points)
     done = subprocess.run([sys.executable, "-m", "raybooth", "train", "--model_dir", str(tmp_path / "none"),
                            "--output_dir", str(tmp_path / "out"), "--instance_images_dir", str(tmp_path),
                            "--instance_prompt", "a photo of sks dog", "--class_images_dir", str(tmp_path / "c"),

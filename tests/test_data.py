@@ -1,7 +1,7 @@
 import numpy as np
 from PIL import Image
 
-from raybooth.data import image_dataset, load_image, read_all, resize_shorter_side, tokenize
+from raybooth.data import image_dataset, load_image, read_all, read_images, resize_shorter_side, tokenize
 from raybooth.models import load_tokenizer
 
 from conftest import write_solid_images
@@ -43,6 +43,10 @@ def test_image_dataset_reads_every_image_resized(ray_cluster, tmp_path):
     assert sorted(images) == sorted(str(p) for p in paths)
     assert images[str(paths[0])].shape == (32, 43, 3) and images[str(paths[0])][0, 0].tolist() == [255, 0, 0]
     assert images[str(paths[-1])].shape == (32, 32, 3) and images[str(paths[-1])][0, 0].tolist() == [0, 0, 255]
+    # Local mode's read in the command's own threads gives the same arrays.
+    own = read_images([str(p) for p in paths], 32, threads=3)
+    assert list(own) == [str(p) for p in paths]  # in the order asked
+    assert all(np.array_equal(own[path], images[path]) for path in own)
 
 
 def test_prompts_are_padded_to_the_full_context(tiny_model_dir):

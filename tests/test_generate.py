@@ -59,6 +59,38 @@ def test_generate_writes_n_images_per_prompt_and_resumes(ray_cluster, tiny_model
     assert len(image_files(output)) == 8
 
 
+def test_local_mode_renders_in_this_process_the_images_an_actor_makes(ray_cluster, tiny_model_dir, tmp_path, capsys):
+    here = generate(settings(tiny_model_dir, tmp_path / "here"))  # the default on a Ray this process started
+    assert "rendering on CPU in this process (local mode), in batches of 2" in capsys.readouterr().err
+    there = generate(settings(tiny_model_dir, tmp_path / "actor", local_mode=False))
+    assert "rendering on CPU with 1 Ray Data actor(s), in batches of 2" in capsys.readouterr().err
+    assert image_files(tmp_path / "here") == here and [path.name for path in here] == [path.name for path in there]
+    for mine, theirs in zip(here, there):  # a seed gives the same image either way
+        np.testing.assert_array_equal(np.asarray(Image.open(mine)), np.asarray(Image.open(theirs)))
+
+
+def test_the_pipeline_loads_before_ray_starts_where_generation_will_be_local(tiny_model_dir, tmp_path, monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    from raybooth.local_generation import preload_pipeline
+
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: False))  # a command's start
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert preload_pipeline(settings(tiny_model_dir, tmp_path, address="10.0.0.1:6379"), tiny_model_dir, None, 6) is None
+    assert preload_pipeline(settings(tiny_model_dir, tmp_path, local_mode=False), tiny_model_dir, None, 6) is None
+    device, pipeline = preload_pipeline(settings(tiny_model_dir, tmp_path, use_gpu=False), tiny_model_dir, None,
+                                        6).take()
+    assert device == "cpu" and pipeline.unet.dtype == torch.float32 and pipeline.device.type == "cpu"
+    assert preload_pipeline(settings(tiny_model_dir, tmp_path, use_gpu=False, num_workers=2), tiny_model_dir, None,
+                            6).take() == (None, None)  # two actors: Ray Data's
+    with pytest.raises(OSError):  # a failed load fails where generation takes the pipeline (no model here)
+        preload_pipeline(settings(tmp_path, tmp_path, use_gpu=False), tmp_path, None, 6).take()
+    with pytest.raises(RayboothError, match="--local_mode renders in this process; it does not go with --num_workers "
+                                            "above 1"):
+        settings(tiny_model_dir, tmp_path, local_mode=True, num_workers=2).validate()
+
+
 def test_bad_generate_input_fails_before_ray(tmp_path, tiny_model_dir):
     with pytest.raises(RayboothError, match="does not exist"):
         generate(settings(tmp_path / "missing", tmp_path / "out"))

@@ -17,6 +17,7 @@ from raybooth.launch import fit_interruptibly, fit_locally, local_devices, prelo
 from raybooth.runs import RunFolder
 
 from test_worker import config
+from conftest import write_solid_images
 
 
 def test_one_worker_on_a_ray_this_command_started_runs_in_its_process():
@@ -99,10 +100,15 @@ def test_the_models_load_before_ray_starts_where_the_run_will_be_in_local_mode(t
     monkeypatch.delenv("RAY_ADDRESS")
 
     on_cpu, elsewhere = (SimpleNamespace(local_devices=names) for names in (["cpu"], ["cuda:0"]))
-    loading = preload(config(use_gpu=False), tiny_model_dir)
+    photos = write_solid_images(tmp_path / "photos", (255, 0, 0), 2, size=(96, 64))
+    classes = write_solid_images(tmp_path / "class", (0, 0, 255), 3)
+    loading = preload(config(use_gpu=False), tiny_model_dir, photos, [str(path) for path in classes], 32)
     models = preloaded_models(loading, on_cpu)
     assert models.unet.device.type == "cpu" and models.unet.dtype == torch.float32 and models.unet.training
-    assert loading.loaded is None  # handed over: gone with the loop that takes them
+    assert loading.models.loaded is None  # handed over: gone with the loop that takes them
+    instance, by_path = loading.images.take()  # the images too, as Ray Data's tasks would read them
+    assert list(instance) == [str(path) for path in photos] and list(by_path) == [str(path) for path in classes]
+    assert instance[str(photos[0])].shape == (32, 48, 3) and by_path[str(classes[0])][0, 0].tolist() == [0, 0, 255]
     assert preloaded_models(preload(config(use_gpu=False), tiny_model_dir), elsewhere) is None  # Ray saw others
     assert preloaded_models(None, on_cpu) is None
     with pytest.raises(OSError):  # a failed load fails where the worker takes the models (no model here)

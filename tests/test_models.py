@@ -5,7 +5,7 @@ import pytest
 
 from raybooth.errors import RayboothError
 from raybooth.models import (check_output_dir, copy_base_components, copy_trained, finish_model_dir, resolve_model_dir,
-                             resolve_resolution, start_model_dir, write_model_dir)
+                             resolve_resolution, start_model_dir, use_flash_attention, write_model_dir)
 
 HASH = "0123456789abcdef0123456789abcdef01234567"
 
@@ -140,3 +140,16 @@ def test_assembled_pipeline_takes_trained_parts_and_copies_the_rest(tiny_model_d
     for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
         files = [f for f in (output / part).iterdir()]
         assert files and not any(f.is_symlink() for f in files)  # real files, not links into the cache
+
+
+def test_flash_attention_replaces_cudnns_on_a_gpu_and_cpus_are_left_alone(monkeypatch):
+    import torch
+
+    switched = []
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", switched.append)
+    use_flash_attention(torch.device("cpu"))
+    use_flash_attention("cpu")
+    assert switched == []
+    use_flash_attention(torch.device("cuda", 0))
+    use_flash_attention("cuda")
+    assert switched == [False, False]

@@ -1,3 +1,3 @@
-from raybooth.cli import main
+from raybooth.cli import run
 
-raise SystemExit(main())
+run()

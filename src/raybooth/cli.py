@@ -4,12 +4,15 @@ Ray's example scripts, and `--model-dir` alike; booleans take `--flag` / `--no_f
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
+import os
 import sys
+import threading
 import types
 import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from raybooth import __version__
 from raybooth.config import (RUN_DERIVED_TRAIN_FIELDS, CacheConfig, GenerateConfig, MergeLoraConfig, RunConfig,
@@ -200,3 +203,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         restore_ray_output()  # in a process that goes on (tests), the next command routes its own
     return 0
+
+
+def run() -> NoReturn:
+    """The `raybooth` command: `main()`, then a quick exit. Python's own exit would then take each
+    module apart (torch, diffusers, Ray's core): 1.1 s on the 2-core CPU machine after the work is
+    done and written (bench/RESULTS.md). What that exit does first is done here too: other threads
+    finish, the exit hooks run (Ray's shutdown among them), the output is flushed."""
+    code = main()
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,10 +1,15 @@
-"""Reading the training images with Ray Data: a handful of tasks decode each image once, turn it
-upright and resize its shorter side to the training resolution. The workers pull the result into
-memory (batches.py) and crop from there: a few hundred images need no per-epoch pipeline."""
+"""Reading the training images: each is decoded once, turned upright and resized on its shorter
+side to the training resolution, and the workers keep the result in memory (batches.py) and crop
+from there: a few hundred images need no per-epoch pipeline. For Ray Train's worker processes Ray
+Data reads them in a handful of tasks. The one worker of local mode, the command's own process,
+reads them itself with a few threads, beside the model's load and before Ray is up: Ray Data's
+tasks and the object store's round trip took 5.4-5.9 s on an H100 machine (bench/RESULTS.md)."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -49,17 +54,30 @@ def image_dataset(paths: list[Path], resolution: int, parallelism: int):
         load_images, batch_size=None, fn_kwargs={"resolution": resolution})
 
 
+def read_images(paths: list[str], resolution: int, threads: int = 8) -> dict[str, np.ndarray]:
+    """{path: image} for `paths`, as Ray Data's tasks make them, read by a few threads of this
+    process (Pillow decodes and resizes without holding Python's lock)."""
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        return dict(zip(paths, pool.map(lambda path: load_image(path, resolution), paths)))
+
+
 def read_all(shard) -> dict[str, np.ndarray]:
     """A worker's dataset shard, whole: {path: image}."""
     return {row["path"]: row["image"] for row in shard.iter_rows()}
 
 
-def read_worker_images(rank: int, class_paths: list[str], say) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def read_worker_images(rank: int, class_paths: list[str], say,
+                       read_already: Callable[[], tuple[dict, dict]] | None = None
+                       ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """In a Ray Train worker: all instance images, and this worker's class images, in the plan's
-    order (said when read: this runs beside the model's load)."""
+    order (said when read: this runs beside the model's load). From its dataset shards, or, in
+    local mode, from `read_already` (the command's own read: {path: image} of each)."""
     import ray.train
 
-    instance = read_all(ray.train.get_dataset_shard("instance"))
-    by_path = read_all(ray.train.get_dataset_shard(f"class_{rank}")) if class_paths else {}
+    if read_already is not None:
+        instance, by_path = read_already()
+    else:
+        instance = read_all(ray.train.get_dataset_shard("instance"))
+        by_path = read_all(ray.train.get_dataset_shard(f"class_{rank}")) if class_paths else {}
     say(f"read {len(instance)} instance images and this worker's {len(by_path)} class images")
     return [instance[path] for path in sorted(instance)], [by_path[path] for path in class_paths]

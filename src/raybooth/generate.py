@@ -1,6 +1,7 @@
 """Batch image generation on Ray Data: a pool of actors, each holding one pipeline (one per GPU,
 or on CPU where there is none), turns rows of (prompt, index, seed) into PNGs that the driver
-writes. Each image's file name and seed follow from its prompt and index alone, so a re-run
+writes. Where one actor would do it on a Ray this command starts, the command's own process
+renders instead, as training's local mode does (local_generation.py). Each image's file name and seed follow from its prompt and index alone, so a re-run
 finds what is already there and makes only what is missing, with the same result."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from raybooth.cluster import check_fits, cluster_resource, connect, cpus_per_worker, decide_use_gpu
+from raybooth.cluster import check_fits, cluster_resource, connect, cpus_per_worker, decide_use_gpu, started_here
 from raybooth.config import GenerateConfig
 from raybooth.config.fields import inference_steps
 from raybooth.errors import RayboothError
@@ -96,24 +97,34 @@ def use_sampler(pipeline, sampler: str) -> None:
             pipeline.scheduler.config, algorithm_type="dpmsolver++", solver_order=2)
 
 
+def load_pipeline(model_dir: str | Path, device: str, dtype: str, sampler: str, safety_checker: bool = True,
+                  lora_weights: str | None = None, lora_scale: float = 1.0):
+    """The pipeline that `raybooth generate` renders with, on `device` ("cuda" or "cpu")."""
+    quiet_model_libraries()
+    from diffusers import StableDiffusionPipeline
+
+    from raybooth.models import use_flash_attention
+
+    without_checker = {} if safety_checker else dict(safety_checker=None, requires_safety_checker=False)
+    pipeline = StableDiffusionPipeline.from_pretrained(model_dir, **without_checker).to(
+        device, inference_dtype(dtype, device))
+    if lora_weights:
+        load_adapters(pipeline, Path(lora_weights), lora_scale)
+    pipeline.set_progress_bar_config(disable=True)
+    use_sampler(pipeline, sampler)
+    use_flash_attention(device)
+    return pipeline
+
+
 class ImageGenerator:
     """A Ray Data actor: loads the pipeline once, then renders batches of rows."""
 
     def __init__(self, model_dir: str, use_gpu: bool, dtype: str, sampler: str, num_inference_steps: int,
                  guidance_scale: float, resolution: int, safety_checker: bool = True, lora_weights: str | None = None,
                  lora_scale: float = 1.0):
-        quiet_model_libraries()
-        from diffusers import StableDiffusionPipeline
-
         # By the request, not by what is visible: a CPU actor on a GPU node still sees the GPUs.
         self.device = "cuda" if use_gpu else "cpu"
-        without_checker = {} if safety_checker else dict(safety_checker=None, requires_safety_checker=False)
-        self.pipeline = StableDiffusionPipeline.from_pretrained(model_dir, **without_checker).to(
-            self.device, inference_dtype(dtype, self.device))
-        if lora_weights:
-            load_adapters(self.pipeline, Path(lora_weights), lora_scale)
-        self.pipeline.set_progress_bar_config(disable=True)
-        use_sampler(self.pipeline, sampler)
+        self.pipeline = load_pipeline(model_dir, self.device, dtype, sampler, safety_checker, lora_weights, lora_scale)
         self.settings = pipeline_settings(num_inference_steps, guidance_scale, resolution)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -145,8 +156,15 @@ def write_atomically(path: Path, data: bytes) -> None:
     os.replace(partial, path)
 
 
+def actor_count(cfg: GenerateConfig, use_gpu: bool, gpus: int, images: int, batch_size: int) -> int:
+    """Generation actors: --num_workers, else one per GPU (or one on CPU), no more than there are batches."""
+    return max(1, min(cfg.num_workers or (gpus if use_gpu else 1), math.ceil(images / batch_size)))
+
+
 def generate(cfg: GenerateConfig) -> list[Path]:
     """Make the images of `cfg` that `cfg.output_dir` lacks; returns every image's path."""
+    from raybooth.local_generation import generate_here, preload_pipeline
+
     cfg.validate()
     model_dir = resolve_model_dir(cfg.model_dir)
     resolution = resolve_resolution(model_dir, cfg.resolution)
@@ -161,15 +179,33 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     if not todo:
         return wanted
     output_dir.mkdir(parents=True, exist_ok=True)
+    preloaded = preload_pipeline(cfg, model_dir, lora_weights, len(todo))  # local mode: it loads while Ray starts
     send_ray_output(output_dir / GENERATE_RAY_LOG, cfg.verbose)
     connect(cfg.address, cfg.verbose)
     use_gpu = decide_use_gpu(cfg.use_gpu)
-    actors = cfg.num_workers or (int(cluster_resource("GPU")) if use_gpu else 1)
     batch_size = cfg.batch_size or default_batch_size(use_gpu)
-    actors = max(1, min(actors, math.ceil(len(todo) / batch_size)))
+    actors = actor_count(cfg, use_gpu, int(cluster_resource("GPU")), len(todo), batch_size)
+    local = cfg.uses_local_mode(started_here(), actors)
+    actors = 1 if local else actors
     if use_gpu:
         check_fits(f"generation with {actors} actors", actors, "GPU")
+    where = "in this process (local mode)" if local else f"with {actors} Ray Data actor(s)"
+    log(f"rendering on {'GPU' if use_gpu else 'CPU'} {where}, in batches of {batch_size}")
+    progress = ImageProgress(len(todo), "images", log, terminal_shows_bars(), every=math.ceil(len(todo) / 10),
+                             where=f"in {output_dir}")
+    if local:
+        generate_here(preloaded, cfg, model_dir, lora_weights, use_gpu, resolution, todo, batch_size, progress)
+    else:
+        generate_on_ray_data(cfg, model_dir, lora_weights, use_gpu, resolution, todo, actors, batch_size, progress)
+    progress.close()
+    return wanted
 
+
+def generate_on_ray_data(cfg: GenerateConfig, model_dir: Path, lora_weights: str | None, use_gpu: bool,
+                         resolution: int, todo: list[dict], actors: int, batch_size: int,
+                         progress: ImageProgress) -> None:
+    """`todo`'s images from a pool of Ray Data actors, one pipeline each; PNGs encoded in CPU tasks,
+    written here."""
     import ray.data
 
     images = ray.data.from_items(todo).map_batches(
@@ -181,10 +217,6 @@ def generate(cfg: GenerateConfig) -> list[Path]:
                                    guidance_scale=cfg.guidance_scale, safety_checker=cfg.safety_checker,
                                    lora_weights=lora_weights, lora_scale=cfg.lora_scale)
     ).map_batches(encode_pngs, batch_size=None)
-    progress = ImageProgress(len(todo), "images", log, terminal_shows_bars(), every=math.ceil(len(todo) / 10),
-                             where=f"in {output_dir}")
     for row in images.iter_rows():
-        write_atomically(output_dir / row["file"], row["png"])
+        write_atomically(Path(cfg.output_dir) / row["file"], row["png"])
         progress.update(1)
-    progress.close()
-    return wanted

@@ -6,17 +6,19 @@ group); local mode skips all of it (bench/RESULTS.md). What Ray Train's workers 
 restarts after a failure and checkpoints on remote storage, needs them
 (TrainConfig.local_mode_blocker).
 
-In local mode the models load while Ray starts (`preload`): `ray.init` mostly waits for Ray's
-processes; beside the loading thread it takes about 3 s longer, but the models are then mostly
-loaded when the loop starts (bench/RESULTS.md). This module imports no torch until called: the
-driver calls `preload` before Ray starts."""
+In local mode the models load and the images are read while Ray starts (`preload`): `ray.init`
+mostly waits for Ray's processes; beside the loading thread it takes about 3 s longer, but the
+models are then mostly loaded when the loop starts (bench/RESULTS.md). This module imports no
+torch until called: the driver calls `preload` before Ray starts."""
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import threading
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -61,12 +63,28 @@ class Preloading:
         return loaded
 
 
-def preload(cfg: TrainConfig, model_dir: Path) -> Preloading | None:
+@dataclass
+class Preloaded:
+    """What local mode's one worker finds ready: the models, and the images as Ray Data would read them."""
+
+    models: Preloading  # (device names, models)
+    images: Preloading  # ({path: image} of the instance images, of the class images)
+
+
+def preload(cfg: TrainConfig, model_dir: Path, instance_paths: list[Path] = (), class_paths: list[str] = (),
+            resolution: int = 512) -> Preloaded | None:
     """Where the run will be in local mode (on a Ray this command starts), the models start
-    loading now, before Ray starts: (device names, models). The devices are guessed from torch
+    loading and the images reading now, before Ray starts. The devices are guessed from torch
     (Ray has not counted the GPUs yet): the worker loads anew if they are other than the plan's."""
     if not cfg.uses_local_mode(ray_started_here(cfg.address)):  # as the trainer decides it once Ray is up
         return None
+
+    def read() -> tuple[dict, dict]:
+        from raybooth.data import read_images
+
+        threads = min(8, os.cpu_count() or 1)
+        return (read_images([str(path) for path in instance_paths], resolution, threads),
+                read_images(list(class_paths), resolution, threads))
 
     def load() -> tuple[list[str], Any]:
         import torch
@@ -83,20 +101,20 @@ def preload(cfg: TrainConfig, model_dir: Path) -> Preloading | None:
         return names, load_for_training(model_dir, devices[0], devices[-1], frozen_dtype, cfg.trains_text_encoder,
                                         lora=cfg.use_lora)
 
-    return Preloading(load)
+    return Preloaded(models=Preloading(load), images=Preloading(read))
 
 
-def preloaded_models(preloading: Preloading | None, plan: TrainPlan):
+def preloaded_models(preloaded: Preloaded | None, plan: TrainPlan):
     """In the worker: the models `preload` loaded, once loaded, where they sit on the devices the
     plan gives it; else None (and it loads them itself)."""
-    if preloading is None:
+    if preloaded is None:
         return None
-    devices, models = preloading.take()
+    devices, models = preloaded.models.take()
     return models if devices == plan.local_devices else None
 
 
 def fit(cfg: TrainConfig, plan: TrainPlan, train_datasets: dict, use_gpu: bool, gpus_per_worker: int, run: RunFolder,
-        preloaded: Preloading | None = None):
+        preloaded: Preloaded | None = None):
     import ray.train
     from ray.train.torch import TorchTrainer
 

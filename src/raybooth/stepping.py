@@ -16,15 +16,6 @@ from raybooth.training import Precision, train_step
 DDP_GRAPH_WARMUP_STEPS = 11
 
 
-def train_with_flash_attention(device: torch.device) -> None:
-    """cuDNN's attention, PyTorch's first choice on an H100, builds a plan for each attention call
-    the first time it runs: 7.7 s of the first training step at SD-1.5 size, for 2.8 ms a step
-    saved later (bench/RESULTS.md). Flash attention needs no plan. Set after the class images,
-    which keep PyTorch's own choice (not measured against flash on one machine)."""
-    if device.type == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(False)
-
-
 def use_cuda_graph(cfg, precision: Precision, device: torch.device, text_encoder_device: torch.device,
                    say: Callable[[str], None] = lambda message: None) -> bool:
     """Graphs need one device per worker (no cross-GPU text encoder), no loss scaler (fp16), and

@@ -43,7 +43,10 @@ def train(cfg: TrainConfig, extra_samples: tuple[SampleSet, ...] = ()) -> Path:
     partial = start_output(cfg)
     class_dir_is_new = not class_dir(cfg).exists()
     try:
-        preloaded = preload(cfg, model_dir)  # local mode: the models load while Ray starts
+        class_entries = plan_class_images(cfg)
+        # Local mode: the models load and the images are read while Ray starts.
+        preloaded = preload(cfg, model_dir, instance_paths, [entry["path"] for entry in class_entries
+                                                             if "path" in entry], resolution)
         logs = RunLogs.for_run(cfg, started, run.local_path, run.name)
         send_ray_output(logs.ray_log, cfg.verbose)
         connect(cfg.address, cfg.verbose)
@@ -51,7 +54,6 @@ def train(cfg: TrainConfig, extra_samples: tuple[SampleSet, ...] = ()) -> Path:
         logs.announce(cfg)
         use_gpu, gpus_per_worker = worker_gpus(cfg)
         local = cfg.uses_local_mode(started_here())
-        class_entries = plan_class_images(cfg)
         main_samples = (SampleSet(cfg.samples_dir, cfg.sample_prompts, cfg.num_samples_per_prompt, cfg.seed)
                         if cfg.sample_prompts else None)
         sample_sets = [plan_sample_set(samples, cfg.num_workers)
@@ -74,7 +76,8 @@ def train(cfg: TrainConfig, extra_samples: tuple[SampleSet, ...] = ()) -> Path:
         log(f"fine-tuning {model_dir} on {len(instance_paths)} instance and {len(class_entries)} class images "
             f"({to_make} to generate first) at {resolution} px, {cfg.num_workers} worker(s) on "
             f"{'GPU' if use_gpu else 'CPU'}{' in this process (Ray Train local mode)' if local else ''}")
-        result = fit(cfg, plan, datasets(instance_paths, shares, resolution), use_gpu, gpus_per_worker, run, preloaded)
+        images = {} if local and preloaded else datasets(instance_paths, shares, resolution)  # read already
+        result = fit(cfg, plan, images, use_gpu, gpus_per_worker, run, preloaded)
         log("workers finished")
         if not (partial / TRAINING_LOG).exists():
             log("rank 0 could not see the output folder; taking the weights from its Ray Train checkpoint")

@@ -2,11 +2,10 @@
 it: launch.py): set up, train, save. Ray appears only where it adds something: the worker's
 devices and rank, its datasets, and report/checkpoint.
 
-A worker does all of its GPU's work in one process: it reads its images from Ray Data while the
-model loads, makes its share of the missing class images with that model, then trains and (rank
-0) writes the result. Loading the model once and starting one set of processes is most of what
-makes a run short.
-"""
+A worker does all of its GPU's work in one process: it reads its images from Ray Data (in local
+mode the command has read them) while the model loads, makes its share of the missing class images
+with that model, then trains and (rank 0) writes the result. Loading the model once and starting
+one set of processes is most of what makes a run short."""
 
 from __future__ import annotations
 
@@ -37,12 +36,12 @@ from raybooth.launch import preloaded_models
 from raybooth.log import clock_start, log, quiet_model_libraries, set_clock
 from raybooth.losslog import LossLog
 from raybooth.masters import MasterWeights
-from raybooth.models import TRAINING_LOG, load_for_training, load_tokenizer, save_trained_modules
+from raybooth.models import TRAINING_LOG, load_for_training, load_tokenizer, save_trained_modules, use_flash_attention
 from raybooth.optim import (build_optimization, enable_gradient_checkpointing, learning_rates,
                             precompute_prompt_embeddings)
 from raybooth.parallel import data_parallel, unwrap
 from raybooth.sampling import WorkerSamples
-from raybooth.stepping import make_step, train_with_flash_attention, use_cuda_graph
+from raybooth.stepping import make_step, use_cuda_graph
 from raybooth.training import Precision
 from raybooth.watch.monitor import RunWatch
 from raybooth.worker_images import make_images_on_worker
@@ -95,17 +94,19 @@ def train_worker(loop_config: dict) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    use_flash_attention(device)  # for the class images too, as `raybooth generate` makes them
     torch.manual_seed(cfg.seed + rank)  # each worker draws its own noise and timesteps
     precision = Precision(cfg.mixed_precision, device)
     model_dir = Path(plan.model_dir)
     if not (model_dir / "model_index.json").is_file():
         raise RayboothError(f"{model_dir} is not readable on {socket.gethostname()}: on several nodes, keep "
                             "the model on storage that every node shares")
-    share = plan.class_shares[rank]
+    share, preloaded = plan.class_shares[rank], loop_config.get("preloaded")  # local mode's (launch.preload)
     with ThreadPoolExecutor(1) as pool:
-        reading = pool.submit(read_worker_images, rank, [entry["path"] for entry in share if "path" in entry], say)
+        reading = pool.submit(read_worker_images, rank, [entry["path"] for entry in share if "path" in entry], say,
+                              preloaded and preloaded.images.take)
         loading = time.monotonic()
-        models = (preloaded_models(loop_config.get("preloaded"), plan)
+        models = (preloaded_models(preloaded, plan)
                   or load_for_training(model_dir, device, text_encoder_device, precision.frozen_dtype,
                                        cfg.trains_text_encoder, lora=cfg.use_lora))
         say(f"model loaded on {device} in {time.monotonic() - loading:.1f} s")
@@ -131,7 +132,6 @@ def train_worker(loop_config: dict) -> None:
     if cfg.pre_compute_text_embeddings:
         training_set.prompt_embeds = precompute_prompt_embeddings(models, training_set.prompt_ids, precision)
         say("prompts encoded once; the text encoder is freed")
-    train_with_flash_attention(device)
     channels_last = cfg.uses_channels_last(device.type, world_size)
     if channels_last:  # after the class images and samples, whose sampling it slows (bench/RESULTS.md)
         models.unet.to(memory_format=torch.channels_last)

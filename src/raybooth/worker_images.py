@@ -54,17 +54,16 @@ def write_pngs(folder: str, files: list[str], images: list[np.ndarray]) -> None:
         write_atomically(Path(folder) / file, png_bytes(Image.fromarray(image)))
 
 
-def render_on_worker(pipeline, rows: list[dict], folder: Path, batch_size: int, settings: dict, what: str,
-                     say: Callable[[str], None], bar: bool = False) -> list[np.ndarray]:
-    """Images for `rows` (prompt, seed, file) from a worker's pipeline, written to `folder` whole
-    or not at all. PNG encoding runs in Ray tasks: in threads here it held up the GPU's work."""
+def render_and_write(pipeline, rows: list[dict], folder: Path, batch_size: int, settings: dict,
+                     progress: ImageProgress) -> list[np.ndarray]:
+    """Images for `rows` (prompt, seed, file) from a pipeline in this process, written to
+    `folder` whole or not at all. PNG encoding runs in Ray tasks: in threads here it held up the GPU's work."""
     import ray
 
     writer = ray.remote(write_pngs)
     device = pipeline.device.type
     images: list[np.ndarray] = []
     written = []
-    progress = ImageProgress(len(rows), what, say, bar)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         made = render(pipeline, chunk, device, settings)
@@ -72,7 +71,6 @@ def render_on_worker(pipeline, rows: list[dict], folder: Path, batch_size: int, 
         images += made
         progress.update(len(made))
     ray.get(written)
-    progress.close()
     return images
 
 
@@ -88,7 +86,9 @@ def make_images_on_worker(models, model_dir: Path, rows: list[dict], folder: Pat
     pipeline = pipeline_from_models(models, model_dir, cfg.sampler, safety_checker)
     batch_size = cfg.sample_batch_size or default_batch_size(models.device.type == "cuda")
     settings = pipeline_settings(inference_steps(cfg.sampler, cfg.num_inference_steps), cfg.guidance_scale, resolution)
-    images = render_on_worker(pipeline, rows, folder, batch_size, settings, what, say, bar)
+    progress = ImageProgress(len(rows), what, say, bar)
+    images = render_and_write(pipeline, rows, folder, batch_size, settings, progress)
+    progress.close()
     del pipeline
     if models.device.type == "cuda":
         torch.cuda.empty_cache()

@@ -8,6 +8,7 @@ from pathlib import Path
 from raybooth.config.fields import (DTYPES, SAMPLER_HELP, SAMPLERS, STEPS_HELP, check_prompts_given, finite, given,
                                     option, positive)
 from raybooth.config.watch import VERBOSE_HELP
+from raybooth.errors import RayboothError
 
 @dataclass
 class CacheConfig:
@@ -45,16 +46,28 @@ class GenerateConfig:
     num_workers: int | None = option(None, "Generation actors (default: one per GPU, or one on CPU).")
     use_gpu: bool | None = option(None, "Generate on GPUs (default: when the Ray cluster has any).")
     address: str | None = option(None, "Ray cluster to attach to (default: RAY_ADDRESS, else a local Ray).")
+    local_mode: bool | None = option(None, "Render in this command's own process, the pipeline loading while Ray "
+                                           "starts; Ray's tasks write the PNGs (default: on where one actor would "
+                                           "render, on a Ray this command starts).")
     verbose: bool = option(False, VERBOSE_HELP)
-    use_ray_data: bool = option(True, "Accepted for the seed scripts; generation always runs on Ray Data.",
+    use_ray_data: bool = option(True, "Accepted for the seed scripts; Ray Data runs generation's actors.",
                                 hidden=True)
 
     def validate(self) -> None:
         positive(num_samples_per_prompt=self.num_samples_per_prompt,
                  **given(batch_size=self.batch_size, resolution=self.resolution,
-                         num_inference_steps=self.num_inference_steps))
+                         num_inference_steps=self.num_inference_steps, num_workers=self.num_workers))
         finite(guidance_scale=self.guidance_scale, lora_scale=self.lora_scale)
         check_prompts_given("--prompts", self.prompts)
+        if self.local_mode and (self.num_workers or 1) > 1:
+            raise RayboothError("--local_mode renders in this process; it does not go with --num_workers above 1")
+
+    def uses_local_mode(self, started_here: bool, actors: int) -> bool:
+        """As --local_mode says, else where one actor would render, on a Ray this command started
+        (on a cluster the command's own machine may have no GPU)."""
+        if self.local_mode is not None:
+            return self.local_mode
+        return started_here and actors == 1
 
 
 @dataclass
