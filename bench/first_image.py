@@ -3,10 +3,11 @@ Runs `raybooth generate` of 200 class images at the defaults (as `bench/flow.py`
 folder, and watches that folder from the command's start: the first image is the first PNG file
 there, whole (written atomically). One JSON line; the log into OUT_DIR.
 
-    python bench/first_image.py MODEL_DIR OUT_DIR [--cudnn-attention] [GENERATE_FLAGS...]
+    python bench/first_image.py MODEL_DIR OUT_DIR [--cudnn-attention] [--late-writer] [GENERATE_FLAGS...]
 
 `--cudnn-attention` keeps PyTorch's own choice of attention (cuDNN's on an H100), which raybooth
-turns off for generation, to measure what that choice costs and gives.
+turns off for generation, to measure what that choice costs and gives; `--late-writer` leaves the
+PNG writer's Ray worker to start at the first batch's end (`worker_images.start_png_writer` off).
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ def main(model_dir: str, out_dir: str, *flags: str) -> None:
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    command = [sys.executable, "-m", "raybooth"]
-    if "--cudnn-attention" in flags:
-        flags = tuple(flag for flag in flags if flag != "--cudnn-attention")
-        command = [sys.executable, "-c", "import sys, raybooth.models as m; m.use_flash_attention = lambda device: None; "
-                   "from raybooth.cli import run; sys.argv[0] = 'raybooth'; run()"]
+    patches = {"--cudnn-attention": "import raybooth.models as m; m.use_flash_attention = lambda device: None",
+               "--late-writer": "import raybooth.local_generation as g; g.start_png_writer = lambda folder: None"}
+    chosen = [patches[flag] for flag in flags if flag in patches]
+    flags = tuple(flag for flag in flags if flag not in patches)
+    command = [sys.executable, "-c", "; ".join(["import sys", *chosen, "from raybooth.cli import run", "run()"])]
     result = subprocess.run(command + ["generate", "--model_dir", model_dir, "--output_dir", str(images), "--prompts",
                                        "a photo of a dog", "--num_samples_per_prompt", "200", *flags],
                             capture_output=True, text=True)

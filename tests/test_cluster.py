@@ -112,7 +112,8 @@ def test_a_local_rays_workers_get_its_address_and_the_nccl_settings_without_a_ru
             "connect()\n"
             "@ray.remote(num_cpus=0)\n"
             "def seen():\n"
-            "    return os.environ.get('RAY_ADDRESS'), os.environ.get('NCCL_NVLS_ENABLE')\n"
+            "    return (os.environ.get('RAY_ADDRESS'), os.environ.get('NCCL_NVLS_ENABLE'),\n"
+            "            os.environ.get('RAY_prestart_worker_first_driver'))\n"
             "context = ray.get_runtime_context()\n"
             "print(json.dumps([ray.get(seen.remote()), os.environ.get('RAY_ADDRESS'), dict(context.runtime_env),\n"
             "                  context.gcs_address]))\n")
@@ -120,7 +121,9 @@ def test_a_local_rays_workers_get_its_address_and_the_nccl_settings_without_a_ru
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env=environment | {"NCCL_NVLS_ENABLE": "0"})
     assert done.returncode == 0, done.stderr
-    (worker_address, worker_nccl), driver_address, runtime_env, gcs_address = json.loads(done.stdout.splitlines()[-1])
+    (worker_address, worker_nccl, prestart), driver_address, runtime_env, gcs_address = json.loads(
+        done.stdout.splitlines()[-1])
     assert worker_address == gcs_address and worker_nccl == "0"
+    assert prestart == "0"  # Ray's node started no idle worker per CPU for this driver
     assert driver_address is None  # the command's own environment is as it was
     assert not runtime_env.get("env_vars")

@@ -14,6 +14,7 @@ from raybooth.log import log
 from raybooth.watch.raylog import take_over_forwarded_output
 
 GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"  # read by Ray when it starts a head node
+PRESTART_VARIABLE = "RAY_prestart_worker_first_driver"  # Ray's setting: an idle worker per CPU for the first driver
 _started_here = False  # whether this process started the Ray instance it uses (a fixed-size one)
 
 
@@ -56,14 +57,19 @@ def start_local_ray(**options) -> None:
 
     The address reaches the workers through the environment they inherit from the node's
     processes, as this process's NCCL settings do, not through a job-wide runtime_env: with one,
-    Ray starts a fresh process for every task and actor of the driver's (Ray Data's reads in local
-    mode) instead of handing out the idle workers it starts with the node (bench/RESULTS.md)."""
+    Ray starts a fresh process for every task and actor of the driver's instead of handing out the
+    idle workers it has (bench/RESULTS.md).
+
+    Nor does Ray start an idle worker per CPU when this process attaches (unless the user sets
+    PRESTART_VARIABLE): on an H100 machine of 16 CPUs those 16 processes slowed Ray's own start
+    and the models' load beside it; the few tasks of a local-mode run start the workers they need."""
     import ray
 
     with socket.socket() as probe:  # a free port; Ray takes it a moment later
         probe.bind(("", 0))
         port = probe.getsockname()[1]
-    inherited = {GCS_PORT_VARIABLE: str(port), "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}
+    inherited = {GCS_PORT_VARIABLE: str(port), "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}",
+                 PRESTART_VARIABLE: os.environ.get(PRESTART_VARIABLE, "0")}
     before = {name: os.environ.get(name) for name in inherited}
     os.environ.update(inherited)
     try:

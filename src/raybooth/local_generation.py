@@ -14,7 +14,7 @@ from raybooth.config.fields import inference_steps
 from raybooth.generate import actor_count, default_batch_size, load_pipeline, pipeline_settings
 from raybooth.launch import Preloading
 from raybooth.watch.progress import ImageProgress
-from raybooth.worker_images import render_and_write
+from raybooth.worker_images import render_and_write, start_png_writer
 
 
 def preload_pipeline(cfg: GenerateConfig, model_dir: Path, lora_weights: str | None, images: int
@@ -46,6 +46,7 @@ def generate_here(preloaded: Preloading | None, cfg: GenerateConfig, model_dir: 
     import torch
 
     device = "cuda" if use_gpu else "cpu"
+    start_png_writer(Path(cfg.output_dir))
     loaded_on, pipeline = preloaded.take() if preloaded else (None, None)
     if loaded_on != device:
         pipeline = load_pipeline(model_dir, device, cfg.dtype, cfg.sampler, cfg.safety_checker, lora_weights,

@@ -54,13 +54,29 @@ def write_pngs(folder: str, files: list[str], images: list[np.ndarray]) -> None:
         write_atomically(Path(folder) / file, png_bytes(Image.fromarray(image)))
 
 
+def png_writer():
+    """`write_pngs` as a Ray task on this node, whose folders are the ones this process sees."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(write_pngs).options(scheduling_strategy=here)
+
+
+def start_png_writer(folder: Path) -> None:
+    """A Ray worker for the PNG writes, started while the pipeline loads, not after the first
+    batch: Ray starts no idle workers ahead (cluster.start_local_ray), and a worker's start took
+    about 1 s of the first image on a GPU machine (bench/RESULTS.md)."""
+    png_writer().remote(str(folder), [], [])  # writes nothing; the worker stays for the writes
+
+
 def render_and_write(pipeline, rows: list[dict], folder: Path, batch_size: int, settings: dict,
                      progress: ImageProgress) -> list[np.ndarray]:
     """Images for `rows` (prompt, seed, file) from a pipeline in this process, written to
     `folder` whole or not at all. PNG encoding runs in Ray tasks: in threads here it held up the GPU's work."""
     import ray
 
-    writer = ray.remote(write_pngs)
+    writer = png_writer()
     device = pipeline.device.type
     images: list[np.ndarray] = []
     written = []
@@ -83,6 +99,7 @@ def make_images_on_worker(models, model_dir: Path, rows: list[dict], folder: Pat
         return []
     import torch
 
+    start_png_writer(folder)
     pipeline = pipeline_from_models(models, model_dir, cfg.sampler, safety_checker)
     batch_size = cfg.sample_batch_size or default_batch_size(models.device.type == "cuda")
     settings = pipeline_settings(inference_steps(cfg.sampler, cfg.num_inference_steps), cfg.guidance_scale, resolution)
