@@ -71,6 +71,24 @@ def test_the_console_script_is_installed_and_errors_are_one_line(tmp_path):
     assert done.stderr.strip() == f"raybooth: error: model folder {tmp_path / 'none'} does not exist"
 
 
+def test_the_command_ends_as_pythons_own_exit_would_begin(tmp_path):
+    # `run` skips the interpreter's teardown, not what comes before it: threads that are not
+    # daemons finish, the exit hooks run (Ray's shutdown), the output is flushed, the code is kept.
+    code = ("import atexit, pathlib, sys, threading, time\n"
+            "import raybooth.cli as cli\n"
+            f"folder = pathlib.Path({str(tmp_path)!r})\n"
+            "def main():\n"
+            "    threading.Thread(target=lambda: (time.sleep(0.5), (folder / 'thread').write_text('done'))).start()\n"
+            "    atexit.register(lambda: (folder / 'hook').write_text('ran'))\n"
+            "    sys.stdout.write('buffered, no newline')\n"
+            "    return 3\n"
+            "cli.main = main\n"
+            "cli.run()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3 and done.stdout == "buffered, no newline"
+    assert (tmp_path / "thread").read_text() == "done" and (tmp_path / "hook").read_text() == "ran"
+
+
 def test_tiny_model_command_writes_a_loadable_pipeline_once(tmp_path, capsys):
     assert main(["tiny-model", "--output_dir", str(tmp_path / "tiny")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "tiny")

@@ -92,11 +92,12 @@ def test_a_failure_in_local_mode_is_one_line_with_the_traceback_in_a_file(tmp_pa
 def test_the_models_load_before_ray_starts_where_the_run_will_be_in_local_mode(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: False))  # a command's start
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert preload(config(address="10.0.0.1:6379"), tiny_model_dir) is None  # a cluster: worker processes
-    assert preload(config(num_workers=2), tiny_model_dir) is None
-    assert preload(config(local_mode=False), tiny_model_dir) is None
+    no_images = ([], [], 64)
+    assert preload(config(address="10.0.0.1:6379"), tiny_model_dir, *no_images) is None  # a cluster: workers
+    assert preload(config(num_workers=2), tiny_model_dir, *no_images) is None
+    assert preload(config(local_mode=False), tiny_model_dir, *no_images) is None
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    assert preload(config(), tiny_model_dir) is None
+    assert preload(config(), tiny_model_dir, *no_images) is None
     monkeypatch.delenv("RAY_ADDRESS")
 
     on_cpu, elsewhere = (SimpleNamespace(local_devices=names) for names in (["cpu"], ["cuda:0"]))
@@ -109,7 +110,8 @@ def test_the_models_load_before_ray_starts_where_the_run_will_be_in_local_mode(t
     instance, by_path = loading.images.take()  # the images too, as Ray Data's tasks would read them
     assert list(instance) == [str(path) for path in photos] and list(by_path) == [str(path) for path in classes]
     assert instance[str(photos[0])].shape == (32, 48, 3) and by_path[str(classes[0])][0, 0].tolist() == [0, 0, 255]
-    assert preloaded_models(preload(config(use_gpu=False), tiny_model_dir), elsewhere) is None  # Ray saw others
+    # Ray saw other devices: the worker loads anew.
+    assert preloaded_models(preload(config(use_gpu=False), tiny_model_dir, *no_images), elsewhere) is None
     assert preloaded_models(None, on_cpu) is None
     with pytest.raises(OSError):  # a failed load fails where the worker takes the models (no model here)
-        preloaded_models(preload(config(use_gpu=False), tmp_path), on_cpu)
+        preloaded_models(preload(config(use_gpu=False), tmp_path, *no_images), on_cpu)

@@ -1,8 +1,9 @@
 """Batch image generation on Ray Data: a pool of actors, each holding one pipeline (one per GPU,
 or on CPU where there is none), turns rows of (prompt, index, seed) into PNGs that the driver
 writes. Where one actor would do it on a Ray this command starts, the command's own process
-renders instead, as training's local mode does (local_generation.py). Each image's file name and seed follow from its prompt and index alone, so a re-run
-finds what is already there and makes only what is missing, with the same result."""
+renders instead, as training's local mode does (local_generation.py). Each image's file name and
+seed follow from its prompt and index alone, so a re-run finds what is already there and makes
+only what is missing, with the same result."""
 
 from __future__ import annotations
 

@@ -71,8 +71,8 @@ class Preloaded:
     images: Preloading  # ({path: image} of the instance images, of the class images)
 
 
-def preload(cfg: TrainConfig, model_dir: Path, instance_paths: list[Path] = (), class_paths: list[str] = (),
-            resolution: int = 512) -> Preloaded | None:
+def preload(cfg: TrainConfig, model_dir: Path, instance_paths: list[Path], class_paths: list[str],
+            resolution: int) -> Preloaded | None:
     """Where the run will be in local mode (on a Ray this command starts), the models start
     loading and the images reading now, before Ray starts. The devices are guessed from torch
     (Ray has not counted the GPUs yet): the worker loads anew if they are other than the plan's."""
