@@ -18,9 +18,10 @@ import gc
 import os
 import threading
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from raybooth.cluster import cpus_per_worker, ray_started_here
 from raybooth.config import TrainConfig
@@ -148,30 +149,39 @@ def fit(cfg: TrainConfig, plan: TrainPlan, train_datasets: dict, use_gpu: bool, 
                             f"(the full traceback is in {log_file})") from None
 
 
-def fit_locally(trainer, cpus: float | None, run: RunFolder):
-    """Ray Train's local mode. On CPUs torch takes the threads a worker of `cpus` CPUs would have
-    (Ray sizes a worker's thread pool to its CPUs, and one CPU stays free for Ray Data), so a run
-    computes as it would on a worker. The models and their GPU memory go with the loop: later
-    steps of the command (`raybooth run`'s) may need the GPU."""
+@contextmanager
+def as_a_worker(cpus: float | None) -> Iterator[None]:
+    """Work that a Ray worker would do, done in this process (local mode's training, local
+    generation). On CPUs torch takes the threads a worker of `cpus` CPUs would have (Ray sizes a
+    worker's thread pool to its CPUs, and one CPU stays free for Ray Data), so it computes as a
+    worker would. Afterwards the threads are this process's own again, and the GPU memory that the
+    work's models held goes: later steps of the command (`raybooth run`'s) may need the GPU."""
     import torch
 
     threads = torch.get_num_threads()
     if cpus is not None:
         torch.set_num_threads(max(1, int(cpus)))
     try:
-        return fit_interruptibly(trainer, stop_on_interrupt=True)
-    except (RayboothError, KeyboardInterrupt):
-        raise
-    except Exception as error:  # as a worker's failure is told: one line, the traceback in a file
-        log_file = run.write_error_log(traceback.format_exc())
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        raise RayboothError(f"training failed: {type(error).__name__}: {first_line} "
-                            f"(the full traceback is in {log_file})") from None
+        yield
     finally:
         torch.set_num_threads(threads)
         gc.collect()
         if torch.cuda.is_initialized():
             torch.cuda.empty_cache()
+
+
+def fit_locally(trainer, cpus: float | None, run: RunFolder):
+    """Ray Train's local mode, as a worker of `cpus` CPUs (None: on GPUs) would run the loop."""
+    with as_a_worker(cpus):
+        try:
+            return fit_interruptibly(trainer, stop_on_interrupt=True)
+        except (RayboothError, KeyboardInterrupt):
+            raise
+        except Exception as error:  # as a worker's failure is told: one line, the traceback in a file
+            log_file = run.write_error_log(traceback.format_exc())
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            raise RayboothError(f"training failed: {type(error).__name__}: {first_line} "
+                                f"(the full traceback is in {log_file})") from None
 
 
 def fit_interruptibly(trainer, stop_on_interrupt: bool = False):

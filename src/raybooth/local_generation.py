@@ -12,7 +12,7 @@ from raybooth.cluster import cpus_per_worker, ray_started_here
 from raybooth.config import GenerateConfig
 from raybooth.config.fields import inference_steps
 from raybooth.generate import actor_count, default_batch_size, load_pipeline, pipeline_settings
-from raybooth.launch import Preloading
+from raybooth.launch import Preloading, as_a_worker
 from raybooth.watch.progress import ImageProgress
 from raybooth.worker_images import render_and_write, start_png_writer
 
@@ -33,33 +33,30 @@ def preload_pipeline(cfg: GenerateConfig, model_dir: Path, lora_weights: str | N
         if not cfg.uses_local_mode(True, actor_count(cfg, use_gpu, torch.cuda.device_count(), images, batch_size)):
             return None, None  # Ray Data's actors will render
         device = "cuda" if use_gpu else "cpu"
-        return device, load_pipeline(model_dir, device, cfg.dtype, cfg.sampler, cfg.safety_checker, lora_weights,
-                                     cfg.lora_scale)
+        return device, load_for(cfg, model_dir, lora_weights, device)
 
     return Preloading(load)
 
 
+def load_for(cfg: GenerateConfig, model_dir: Path, lora_weights: str | None, device: str):
+    return load_pipeline(model_dir, device, cfg.dtype, cfg.sampler, cfg.safety_checker, lora_weights, cfg.lora_scale)
+
+
+def pipeline_on(device: str, preloaded: Preloading | None, cfg: GenerateConfig, model_dir: Path,
+                lora_weights: str | None):
+    """The preloaded pipeline where it sits on `device`, else one loaded now."""
+    loaded_on, pipeline = preloaded.take() if preloaded else (None, None)
+    return pipeline if loaded_on == device else load_for(cfg, model_dir, lora_weights, device)
+
+
 def generate_here(preloaded: Preloading | None, cfg: GenerateConfig, model_dir: Path, lora_weights: str | None,
                   use_gpu: bool, resolution: int, todo: list[dict], batch_size: int, progress: ImageProgress) -> None:
-    """`todo`'s images from a pipeline in this process. On CPUs torch takes the threads that an
-    actor would have (Ray sizes its thread pool to its CPUs), so a seed gives the same image either way."""
-    import torch
-
+    """`todo`'s images from a pipeline in this process, as an actor would make them (its CPU
+    threads too: a seed gives the same image either way). Only the render holds the pipeline, so
+    it goes, and its GPU memory, once the images are written."""
     device = "cuda" if use_gpu else "cpu"
     start_png_writer(Path(cfg.output_dir))
-    loaded_on, pipeline = preloaded.take() if preloaded else (None, None)
-    if loaded_on != device:
-        pipeline = load_pipeline(model_dir, device, cfg.dtype, cfg.sampler, cfg.safety_checker, lora_weights,
-                                 cfg.lora_scale)
-    threads = torch.get_num_threads()
-    if not use_gpu:
-        torch.set_num_threads(max(1, int(cpus_per_worker(1, use_gpu))))
-    try:
-        settings = pipeline_settings(inference_steps(cfg.sampler, cfg.num_inference_steps), cfg.guidance_scale,
-                                     resolution)
-        render_and_write(pipeline, todo, Path(cfg.output_dir), batch_size, settings, progress)
-    finally:
-        torch.set_num_threads(threads)
-        del pipeline
-        if use_gpu:
-            torch.cuda.empty_cache()  # `raybooth run` and evaluate go on in this process
+    settings = pipeline_settings(inference_steps(cfg.sampler, cfg.num_inference_steps), cfg.guidance_scale, resolution)
+    with as_a_worker(None if use_gpu else cpus_per_worker(1, use_gpu)):
+        render_and_write(pipeline_on(device, preloaded, cfg, model_dir, lora_weights), todo, Path(cfg.output_dir),
+                         batch_size, settings, progress)
