@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from levers import make_batch, seconds_per_step
 from raybooth.graphs import GraphedStep
-from raybooth.masters import MasterWeights
+from raybooth.masters import train_bf16_weights
 from raybooth.models import load_for_training
 from raybooth.parallel import data_parallel
 from raybooth.stepping import DDP_GRAPH_WARMUP_STEPS
@@ -95,7 +95,7 @@ def measure(model_dir: str, world: int, bucket_mb: int, views: bool, hook: str, 
     precision = Precision("bf16", device)
     models = load_for_training(Path(model_dir), device, device, precision.frozen_dtype, train_text_encoder=True)
     if hook == "masters":  # as `raybooth train --bf16_gradients` does it: before DDP, whose buckets take their dtype
-        models.masters = MasterWeights(models.trainable_parameters())
+        train_bf16_weights(models, precision)
     stream = torch.cuda.Stream()
     if world > 1:
         models = (data_parallel(models, stream, bucket_mb) if views else copied_gradients(models, stream))

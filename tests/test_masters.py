@@ -7,10 +7,10 @@ from safetensors.torch import load_file
 
 from raybooth.checkpoints import restore, trained_tensors, write_checkpoint
 from raybooth.errors import RayboothError
-from raybooth.masters import MasterWeights
+from raybooth.masters import MasterWeights, train_bf16_weights
 from raybooth.models import load_for_training, save_trained_modules
 from raybooth.optim import build_optimization
-from raybooth.training import Precision, make_optimizer, train_step
+from raybooth.training import Precision, dreambooth_loss, make_optimizer, train_step
 
 from test_training import fixed_batch
 from test_worker import config
@@ -64,13 +64,33 @@ def test_a_step_over_masters_is_the_fp32_step_on_the_same_gradients():
     assert all(torch.equal(a, b) for a, b in zip(fp32.parameters(), masters.masters))
 
 
+def test_bf16_weights_compute_without_autocast_and_give_the_mixed_precision_loss(tiny_model_dir):
+    """Over masters the modules compute in bf16 without autocast (whose fp32 norms cost a cast
+    back each): the loss on a fixed batch is autocast's over fp32 weights within bf16's rounding,
+    and the gradients are born bf16."""
+    batch, losses = fixed_batch(tiny_model_dir), []
+    for bf16_weights in (False, True):
+        models, precision = load_for_training(tiny_model_dir, CPU, CPU, torch.bfloat16, True), Precision("bf16", CPU)
+        if bf16_weights:
+            train_bf16_weights(models, precision)
+        torch.manual_seed(0)
+        with precision.autocast():
+            assert torch.is_autocast_enabled("cpu") is not bf16_weights
+            loss = dreambooth_loss(models, batch, prior_loss_weight=1.0)
+        loss.total.backward()
+        losses.append(loss.total.item())
+        grad_dtypes = {p.grad.dtype for p in models.trainable_parameters() if p.grad is not None}
+        assert grad_dtypes == {torch.bfloat16 if bf16_weights else torch.float32}
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+
+
 def test_checkpoints_and_the_saved_weights_hold_the_masters(tiny_model_dir, tmp_path):
     cfg = config(lr=1e-3, bf16_gradients=True, mixed_precision="bf16")
     torch.manual_seed(0)
     models = load_for_training(tiny_model_dir, CPU, CPU, torch.bfloat16, True)
-    models.masters = MasterWeights(models.trainable_parameters())
-    optimization = build_optimization(models, cfg, 2)
     batch, precision = fixed_batch(tiny_model_dir), Precision("bf16", CPU)
+    train_bf16_weights(models, precision)
+    optimization = build_optimization(models, cfg, 2)
     for _ in range(2):
         loss = train_step(models, optimization.optimizer, precision, batch, 1.0, 1.0)
         optimization.optimizer.zero_grad(set_to_none=True)
@@ -95,9 +115,11 @@ def test_checkpoints_and_the_saved_weights_hold_the_masters(tiny_model_dir, tmp_
                for name, tensor in masters.items() if name.startswith("unet."))
 
 
-def test_bf16_gradients_are_on_by_default_with_several_workers_where_nothing_rules_them_out():
+def test_bf16_gradients_are_on_by_default_with_several_workers_or_batch_4_where_nothing_rules_them_out():
     assert config().uses_bf16_gradients("bf16", world_size=2)
-    assert not config().uses_bf16_gradients("bf16", world_size=1)  # one GPU keeps its lower peak memory
+    assert not config().uses_bf16_gradients("bf16", world_size=1)  # one GPU at batch 1 keeps its lower peak memory
+    assert config(train_batch_size=4).uses_bf16_gradients("bf16", world_size=1)  # smaller there, and faster
+    assert not config(train_batch_size=4, use_ema=True).uses_bf16_gradients("bf16", world_size=1)
     assert not config().uses_bf16_gradients("fp16", world_size=2)
     assert not config(use_ema=True).uses_bf16_gradients("bf16", world_size=2)
     assert not config(gradient_accumulation_steps=2).uses_bf16_gradients("bf16", world_size=2)

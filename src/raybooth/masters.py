@@ -3,13 +3,16 @@
 With fp32 weights under autocast, every step casts each trained weight to bf16 for the forward
 pass, casts its bf16 gradient back to fp32, and then all-reduces 4 bytes a weight. The trained
 modules can hold bf16 copies of the weights instead: their gradients are then born bf16, and the
-all-reduce moves half the bytes. The optimizer keeps stepping fp32 masters, so updates too small
-for bf16 are never rounded away (training.Precision says why that matters). Each step copies
-the clipped gradients into the masters' gradients, steps the masters, and copies them back.
+all-reduce moves half the bytes. They compute in bf16 without autocast, whose fp32 norms would
+each cost a cast back (Precision.compute_in_weights_dtype). The optimizer keeps stepping fp32
+masters, so updates too small for bf16 are never rounded away (training.Precision says why that
+matters). Each step copies the clipped gradients into the masters' gradients, steps the masters,
+and copies them back.
 
 It costs 4 bytes a weight of GPU memory: the bf16 weights, plus fp32 gradient buffers, since
-PyTorch's AdamW wants gradients in its parameters' dtype. bench/RESULTS.md has what it gains
-(most with several GPUs, whose all-reduce it halves) and why it is the default only there.
+PyTorch's AdamW wants gradients in its parameters' dtype; from batch 4 up it saves more than that
+in activations. bench/RESULTS.md has what it gains (with several GPUs, whose all-reduce it halves,
+and at every batch size) and why batch 1 keeps fp32 weights by default.
 """
 
 from __future__ import annotations
@@ -58,3 +61,10 @@ class MasterWeights:
         with torch.no_grad():
             for parameter, master in zip(self.parameters, self.masters):
                 parameter.data = master
+
+
+def train_bf16_weights(models, precision) -> None:
+    """The trained modules of `models` (training.DreamBoothModels) take bf16 weights over fp32
+    masters, and compute in bf16 without `precision`'s autocast."""
+    models.masters = MasterWeights(models.trainable_parameters())
+    precision.compute_in_weights_dtype()

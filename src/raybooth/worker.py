@@ -35,7 +35,7 @@ from raybooth.graphs import GraphedStep
 from raybooth.launch import preloaded_models
 from raybooth.log import clock_start, log, quiet_model_libraries, set_clock
 from raybooth.losslog import LossLog
-from raybooth.masters import MasterWeights
+from raybooth.masters import train_bf16_weights
 from raybooth.models import TRAINING_LOG, load_for_training, load_tokenizer, save_trained_modules, use_flash_attention
 from raybooth.optim import (build_optimization, enable_gradient_checkpointing, learning_rates,
                             precompute_prompt_embeddings)
@@ -136,7 +136,7 @@ def train_worker(loop_config: dict) -> None:
     if channels_last:  # after the class images and samples, whose sampling it slows (bench/RESULTS.md)
         models.unet.to(memory_format=torch.channels_last)
     if cfg.uses_bf16_gradients(precision.mode, world_size):  # before DDP, whose buckets take the weights' dtype
-        models.masters = MasterWeights(models.trainable_parameters())
+        train_bf16_weights(models, precision)
     graph = use_cuda_graph(cfg, precision, device, text_encoder_device, say)
     graph_stream = torch.cuda.Stream(device) if graph else None
     if world_size > 1:

@@ -44,10 +44,12 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
                                              "SPREAD puts them on different nodes.", choices=("PACK", "SPREAD"))
     ddp_bucket_mb: int = option(DDP_BUCKET_MB, "Size of DDP's gradient buckets in MB: each is all-reduced as soon "
                                                "as its gradients are ready, overlapping the backward pass.")
-    bf16_gradients: bool | None = option(None, "Train bf16 copies of the weights, so gradients are bf16 (half the "
-                                               "all-reduce), while the optimizer steps fp32 masters; costs 4 bytes a "
-                                               "weight of GPU memory (default: with several one-GPU workers in bf16 "
-                                               "mixed precision, without LoRA, 8-bit Adam, EMA or accumulation).")
+    bf16_gradients: bool | None = option(None, "Train bf16 copies of the weights: they compute in bf16 without "
+                                               "autocast and their gradients are bf16 (half the all-reduce), while the "
+                                               "optimizer steps fp32 masters. Costs 4 bytes a weight of GPU memory, "
+                                               "saves more in activations from batch 4 up (default: with several "
+                                               "one-GPU workers or at --train_batch_size 4 and up, in bf16 mixed "
+                                               "precision, without LoRA, 8-bit Adam, EMA or accumulation).")
     channels_last: bool | None = option(None, "Keep the UNet's weights and activations channels-last (NHWC) while "
                                               "training: faster at batch 1 (77 against 82 ms a step on an H100), "
                                               "slower at 4 (default: on one GPU worker at --train_batch_size 1, "
@@ -142,13 +144,16 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
         return None
 
     def uses_bf16_gradients(self, precision: str, world_size: int) -> bool:
-        """As --bf16_gradients says, else with several one-GPU workers where bf16 mixed precision
-        runs and no option rules it out (nor gradient accumulation, whose sum would be taken in bf16)."""
+        """As --bf16_gradients says. By default with several one-GPU workers, or at batch 4 and up,
+        where it was measured faster and smaller (bench/RESULTS.md; at batch 1 it costs 3 GiB more);
+        only in bf16 mixed precision, with no option that rules it out, and without gradient
+        accumulation (whose sum would be taken in bf16)."""
         if self.bf16_gradients and precision != "bf16":
             raise RayboothError(f"--bf16_gradients needs bf16 mixed precision; this worker's is {precision}")
         if self.bf16_gradients is not None:
             return self.bf16_gradients
-        return (world_size > 1 and precision == "bf16" and self.bf16_gradients_blocker() is None
+        return ((world_size > 1 or self.train_batch_size >= 4) and precision == "bf16"
+                and self.bf16_gradients_blocker() is None
                 and self.gradient_accumulation_steps == 1 and self.gpus_per_worker == 1)
 
     def uses_channels_last(self, device_type: str, world_size: int) -> bool:
