@@ -3,11 +3,10 @@ Runs `raybooth generate` of 200 class images at the defaults (as `bench/flow.py`
 folder, and watches that folder from the command's start: the first image is the first PNG file
 there, whole (written atomically). One JSON line; the log into OUT_DIR.
 
-    python bench/first_image.py MODEL_DIR OUT_DIR [--cudnn-attention] [--late-writer] [GENERATE_FLAGS...]
+    python bench/first_image.py MODEL_DIR OUT_DIR [--cudnn-attention] [GENERATE_FLAGS...]
 
 `--cudnn-attention` keeps PyTorch's own choice of attention (cuDNN's on an H100), which raybooth
-turns off for generation, to measure what that choice costs and gives; `--late-writer` leaves the
-PNG writer's Ray worker to start at the first batch's end (`worker_images.start_png_writer` off).
+turns off for generation, to measure what that choice costs and gives.
 """
 
 from __future__ import annotations
@@ -41,8 +40,7 @@ def main(model_dir: str, out_dir: str, *flags: str) -> None:
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    patches = {"--cudnn-attention": "import raybooth.models as m; m.use_flash_attention = lambda device: None",
-               "--late-writer": "import raybooth.local_generation as g; g.start_png_writer = lambda folder: None"}
+    patches = {"--cudnn-attention": "import raybooth.models as m; m.use_flash_attention = lambda device: None"}
     chosen = [patches[flag] for flag in flags if flag in patches]
     flags = tuple(flag for flag in flags if flag not in patches)
     command = [sys.executable, "-c", "; ".join(["import sys", *chosen, "from raybooth.cli import run", "run()"])]

@@ -69,26 +69,40 @@ def test_local_mode_renders_in_this_process_the_images_an_actor_makes(ray_cluste
         np.testing.assert_array_equal(np.asarray(Image.open(mine)), np.asarray(Image.open(theirs)))
 
 
-def test_the_pipeline_loads_before_ray_starts_where_generation_will_be_local(tiny_model_dir, tmp_path, monkeypatch):
-    import sys
+def test_generation_is_local_where_one_actor_would_render_on_a_ray_this_command_would_start(
+        tiny_model_dir, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from raybooth.local_generation import preload_pipeline
+    from raybooth.local_generation import local_device
 
     monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: False))  # a command's start
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert preload_pipeline(settings(tiny_model_dir, tmp_path, address="10.0.0.1:6379"), tiny_model_dir, None, 6) is None
-    assert preload_pipeline(settings(tiny_model_dir, tmp_path, local_mode=False), tiny_model_dir, None, 6) is None
-    device, pipeline = preload_pipeline(settings(tiny_model_dir, tmp_path, use_gpu=False), tiny_model_dir, None,
-                                        6).take()
-    assert device == "cpu" and pipeline.unet.dtype == torch.float32 and pipeline.device.type == "cpu"
-    assert preload_pipeline(settings(tiny_model_dir, tmp_path, use_gpu=False, num_workers=2), tiny_model_dir, None,
-                            6).take() == (None, None)  # two actors: Ray Data's
-    with pytest.raises(OSError):  # a failed load fails where generation takes the pipeline (no model here)
-        preload_pipeline(settings(tmp_path, tmp_path, use_gpu=False), tmp_path, None, 6).take()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert local_device(settings(tiny_model_dir, tmp_path), 6) == "cpu"
+    assert local_device(settings(tiny_model_dir, tmp_path, address="10.0.0.1:6379"), 6) is None  # the cluster's actors
+    assert local_device(settings(tiny_model_dir, tmp_path, address="10.0.0.1:6379", local_mode=True), 6) == "cpu"
+    assert local_device(settings(tiny_model_dir, tmp_path, local_mode=False), 6) is None
+    assert local_device(settings(tiny_model_dir, tmp_path, num_workers=2), 6) is None  # two actors: Ray Data's
+    assert local_device(settings(tiny_model_dir, tmp_path, num_workers=2), 2) == "cpu"  # but one batch in all
+    with pytest.raises(RayboothError, match="--use_gpu was given but torch sees no GPU on this machine"):
+        local_device(settings(tiny_model_dir, tmp_path, use_gpu=True), 6)
     with pytest.raises(RayboothError, match="--local_mode renders in this process; it does not go with --num_workers "
                                             "above 1"):
         settings(tiny_model_dir, tmp_path, local_mode=True, num_workers=2).validate()
+
+
+def test_local_generation_starts_no_ray_and_writes_whole_pngs_from_processes_of_its_own(tiny_model_dir, tmp_path):
+    output = tmp_path / "images"
+    args = ["generate", "--model_dir", str(tiny_model_dir), "--output_dir", str(output), "--prompts", "a toy car",
+            "--num_samples_per_prompt", "3", "--batch_size", "2", "--num_inference_steps", "2", "--no_use_gpu"]
+    script = f"import sys; from raybooth.cli import main; code = main({args!r}); print('ray' in sys.modules); sys.exit(code)"
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "rendering on CPU in this process (local mode), in batches of 2" in done.stderr
+    assert done.stdout.split()[-1] == "False"  # Ray was not even imported
+    assert sorted(path.name for path in output.iterdir()) == sorted(image_name("a toy car", i) for i in range(3))
+    assert all(Image.open(path).size == (64, 64) for path in output.iterdir())
 
 
 def test_bad_generate_input_fails_before_ray(tmp_path, tiny_model_dir):

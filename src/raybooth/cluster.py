@@ -174,12 +174,12 @@ def check_fits(what: str, needed: float, resource: str) -> None:
     log(f"warning: {message}; waiting for the cluster to grow")
 
 
-def cpus_per_worker(workers: int, use_gpu: bool) -> float:
-    """CPUs to reserve for each of `workers` training workers or generation actors. One CPU stays
-    free: Ray Data feeds them with CPU tasks, and workers that reserve every CPU starve it, which
-    hangs the job. With GPUs doing the work one CPU each is plenty; on CPUs the rest is shared
-    out (Ray sizes torch's thread pool to it)."""
-    share = (cluster_resource("CPU") - 1) / workers
+def cpus_per_worker(workers: int, use_gpu: bool, cpus: float | None = None) -> float:
+    """CPUs to reserve for each of `workers` training workers or generation actors, of the
+    cluster's (or `cpus`). One CPU stays free: Ray Data feeds them with CPU tasks, and workers
+    that reserve every CPU starve it, which hangs the job. With GPUs doing the work one CPU each is
+    plenty; on CPUs the rest is shared out (Ray sizes torch's thread pool to it)."""
+    share = ((cluster_resource("CPU") if cpus is None else cpus) - 1) / workers
     if use_gpu or share < 1:
         return max(0.0, min(1.0, share))
     return float(math.floor(share))

@@ -1,7 +1,7 @@
 """Batch image generation on Ray Data: a pool of actors, each holding one pipeline (one per GPU,
 or on CPU where there is none), turns rows of (prompt, index, seed) into PNGs that the driver
-writes. Where one actor would do it on a Ray this command starts, the command's own process
-renders instead, as training's local mode does (local_generation.py). Each image's file name and
+writes. Where one actor would do it on a Ray this command would start, the command's own process
+renders instead, without Ray (local_generation.py). Each image's file name and
 seed follow from its prompt and index alone, so a re-run finds what is already there and makes
 only what is missing, with the same result."""
 
@@ -12,12 +12,14 @@ import io
 import math
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
-from raybooth.cluster import check_fits, cluster_resource, connect, cpus_per_worker, decide_use_gpu, started_here
+from raybooth.cluster import check_fits, cluster_resource, connect, cpus_per_worker, decide_use_gpu
 from raybooth.config import GenerateConfig
 from raybooth.config.fields import inference_steps
 from raybooth.errors import RayboothError
@@ -164,7 +166,7 @@ def actor_count(cfg: GenerateConfig, use_gpu: bool, gpus: int, images: int, batc
 
 def generate(cfg: GenerateConfig) -> list[Path]:
     """Make the images of `cfg` that `cfg.output_dir` lacks; returns every image's path."""
-    from raybooth.local_generation import generate_here, preload_pipeline
+    from raybooth.local_generation import generate_here, local_device
 
     cfg.validate()
     model_dir = resolve_model_dir(cfg.model_dir)
@@ -180,26 +182,33 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     if not todo:
         return wanted
     output_dir.mkdir(parents=True, exist_ok=True)
-    preloaded = preload_pipeline(cfg, model_dir, lora_weights, len(todo))  # local mode: it loads while Ray starts
+    device = local_device(cfg, len(todo))
+    if device is not None:  # local mode: no Ray
+        batch_size = cfg.batch_size or default_batch_size(device == "cuda")
+        log(f"rendering on {'GPU' if device == 'cuda' else 'CPU'} in this process (local mode), "
+            f"in batches of {batch_size}")
+        with image_progress(len(todo), output_dir) as progress:
+            generate_here(cfg, model_dir, lora_weights, device, resolution, todo, batch_size, progress)
+        return wanted
     send_ray_output(output_dir / GENERATE_RAY_LOG, cfg.verbose)
     connect(cfg.address, cfg.verbose)
     use_gpu = decide_use_gpu(cfg.use_gpu)
     batch_size = cfg.batch_size or default_batch_size(use_gpu)
     actors = actor_count(cfg, use_gpu, int(cluster_resource("GPU")), len(todo), batch_size)
-    local = cfg.uses_local_mode(started_here(), actors)
-    actors = 1 if local else actors
     if use_gpu:
         check_fits(f"generation with {actors} actors", actors, "GPU")
-    where = "in this process (local mode)" if local else f"with {actors} Ray Data actor(s)"
-    log(f"rendering on {'GPU' if use_gpu else 'CPU'} {where}, in batches of {batch_size}")
-    progress = ImageProgress(len(todo), "images", log, terminal_shows_bars(), every=math.ceil(len(todo) / 10),
-                             where=f"in {output_dir}")
-    if local:
-        generate_here(preloaded, cfg, model_dir, lora_weights, use_gpu, resolution, todo, batch_size, progress)
-    else:
+    log(f"rendering on {'GPU' if use_gpu else 'CPU'} with {actors} Ray Data actor(s), in batches of {batch_size}")
+    with image_progress(len(todo), output_dir) as progress:
         generate_on_ray_data(cfg, model_dir, lora_weights, use_gpu, resolution, todo, actors, batch_size, progress)
-    progress.close()
     return wanted
+
+
+@contextmanager
+def image_progress(images: int, output_dir: Path) -> Iterator[ImageProgress]:
+    progress = ImageProgress(images, "images", log, terminal_shows_bars(), every=math.ceil(images / 10),
+                             where=f"in {output_dir}")
+    yield progress
+    progress.close()
 
 
 def generate_on_ray_data(cfg: GenerateConfig, model_dir: Path, lora_weights: str | None, use_gpu: bool,

@@ -1,62 +1,63 @@
-"""`raybooth generate` in the command's own process, as training's local mode: where one actor
-would render on a Ray this command starts, the pipeline loads while Ray starts and renders here,
-and Ray's tasks encode and write the PNGs. A Ray Data actor is a fresh process that starts only
-once Ray is up, then imports torch and diffusers and loads the pipeline: on an H100 the first
-images came 32 s after the command's start (bench/RESULTS.md)."""
+"""`raybooth generate` in the command's own process, without Ray: where one actor would render on a
+Ray this command would start, the pipeline renders here and a few processes of our own encode and
+write the PNGs. Ray adds nothing to one pipeline on this machine but its start, which ran beside
+the pipeline's load and slowed it (6-13 s on an H100 machine, bench/RESULTS.md); a Ray Data actor
+is a fresh process besides, which starts only once Ray is up, then imports torch and diffusers."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from raybooth.cluster import cpus_per_worker, ray_started_here
 from raybooth.config import GenerateConfig
 from raybooth.config.fields import inference_steps
+from raybooth.errors import RayboothError
 from raybooth.generate import actor_count, default_batch_size, load_pipeline, pipeline_settings
-from raybooth.launch import Preloading, as_a_worker
+from raybooth.launch import as_a_worker
 from raybooth.watch.progress import ImageProgress
-from raybooth.worker_images import render_and_write, start_png_writer
+from raybooth.worker_images import render_and_write, write_pngs
+
+PNG_WRITERS_ON_GPU = 2  # a GPU renders 6-7 images/s at 512 px; encoding one takes about 0.15 s
 
 
-def preload_pipeline(cfg: GenerateConfig, model_dir: Path, lora_weights: str | None, images: int
-                     ) -> Preloading | None:
-    """Where generation will be in local mode, the pipeline starts loading now, before Ray starts:
-    (device, pipeline), or (None, None) where torch sees GPUs for several actors. The device is
-    guessed from torch (Ray has not counted the GPUs yet): it loads anew if Ray counts otherwise."""
+def local_device(cfg: GenerateConfig, images: int) -> str | None:
+    """"cuda" or "cpu" where generation renders in this process, as --local_mode says (by default:
+    where one actor would render, on a Ray this command would start); None where Ray Data's actors
+    render. The GPUs are counted by torch, as a Ray started here would count them."""
     if cfg.local_mode is False or not (cfg.local_mode or ray_started_here(cfg.address)):
         return None
+    import torch
 
-    def load():
-        import torch
-
-        use_gpu = torch.cuda.is_available() if cfg.use_gpu is None else cfg.use_gpu
-        batch_size = cfg.batch_size or default_batch_size(use_gpu)
-        if not cfg.uses_local_mode(True, actor_count(cfg, use_gpu, torch.cuda.device_count(), images, batch_size)):
-            return None, None  # Ray Data's actors will render
-        device = "cuda" if use_gpu else "cpu"
-        return device, load_for(cfg, model_dir, lora_weights, device)
-
-    return Preloading(load)
+    use_gpu = torch.cuda.is_available() if cfg.use_gpu is None else cfg.use_gpu
+    if use_gpu and not torch.cuda.is_available():
+        raise RayboothError("--use_gpu was given but torch sees no GPU on this machine")
+    batch_size = cfg.batch_size or default_batch_size(use_gpu)
+    actors = actor_count(cfg, use_gpu, torch.cuda.device_count(), images, batch_size)
+    return ("cuda" if use_gpu else "cpu") if cfg.uses_local_mode(True, actors) else None
 
 
-def load_for(cfg: GenerateConfig, model_dir: Path, lora_weights: str | None, device: str):
-    return load_pipeline(model_dir, device, cfg.dtype, cfg.sampler, cfg.safety_checker, lora_weights, cfg.lora_scale)
+def png_writers(device: str) -> ProcessPoolExecutor:
+    """Processes that encode and write PNGs, started now (each imports numpy and Pillow only) so
+    that they are up by the first batch. Spawned, not forked: this process may hold a CUDA context."""
+    count = PNG_WRITERS_ON_GPU if device == "cuda" else 1
+    pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
+    for _ in range(count):
+        pool.submit(write_pngs, "", [], [])  # writes nothing; starts a process
+    return pool
 
 
-def pipeline_on(device: str, preloaded: Preloading | None, cfg: GenerateConfig, model_dir: Path,
-                lora_weights: str | None):
-    """The preloaded pipeline where it sits on `device`, else one loaded now."""
-    loaded_on, pipeline = preloaded.take() if preloaded else (None, None)
-    return pipeline if loaded_on == device else load_for(cfg, model_dir, lora_weights, device)
-
-
-def generate_here(preloaded: Preloading | None, cfg: GenerateConfig, model_dir: Path, lora_weights: str | None,
-                  use_gpu: bool, resolution: int, todo: list[dict], batch_size: int, progress: ImageProgress) -> None:
+def generate_here(cfg: GenerateConfig, model_dir: Path, lora_weights: str | None, device: str, resolution: int,
+                  todo: list[dict], batch_size: int, progress: ImageProgress) -> None:
     """`todo`'s images from a pipeline in this process, as an actor would make them (its CPU
     threads too: a seed gives the same image either way). Only the render holds the pipeline, so
     it goes, and its GPU memory, once the images are written."""
-    device = "cuda" if use_gpu else "cpu"
-    start_png_writer(Path(cfg.output_dir))
     settings = pipeline_settings(inference_steps(cfg.sampler, cfg.num_inference_steps), cfg.guidance_scale, resolution)
-    with as_a_worker(None if use_gpu else cpus_per_worker(1, use_gpu)):
-        render_and_write(pipeline_on(device, preloaded, cfg, model_dir, lora_weights), todo, Path(cfg.output_dir),
-                         batch_size, settings, progress)
+    threads = None if device == "cuda" else cpus_per_worker(1, False, os.cpu_count() or 1)  # as Ray counts them
+    with png_writers(device) as pool, as_a_worker(threads):
+        render_and_write(load_pipeline(model_dir, device, cfg.dtype, cfg.sampler, cfg.safety_checker, lora_weights,
+                                       cfg.lora_scale),
+                         todo, Path(cfg.output_dir), batch_size, settings, progress, partial(pool.submit, write_pngs))

@@ -5,6 +5,7 @@ image either way."""
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
 
@@ -70,23 +71,29 @@ def start_png_writer(folder: Path) -> None:
     png_writer().remote(str(folder), [], [])  # writes nothing; the worker stays for the writes
 
 
-def render_and_write(pipeline, rows: list[dict], folder: Path, batch_size: int, settings: dict,
-                     progress: ImageProgress) -> list[np.ndarray]:
-    """Images for `rows` (prompt, seed, file) from a pipeline in this process, written to
-    `folder` whole or not at all. PNG encoding runs in Ray tasks: in threads here it held up the GPU's work."""
-    import ray
-
+def ray_png_writes() -> Callable[[str, list[str], list[np.ndarray]], Future]:
     writer = png_writer()
+    return lambda folder, files, images: writer.remote(folder, files, images).future()
+
+
+def render_and_write(pipeline, rows: list[dict], folder: Path, batch_size: int, settings: dict,
+                     progress: ImageProgress,
+                     write: Callable[[str, list[str], list[np.ndarray]], Future] | None = None) -> list[np.ndarray]:
+    """Images for `rows` (prompt, seed, file) from a pipeline in this process, written to
+    `folder` whole or not at all. PNG encoding runs in other processes, `write`'s (by default Ray
+    tasks): in threads here it held up the GPU's work."""
+    write = write or ray_png_writes()
     device = pipeline.device.type
     images: list[np.ndarray] = []
     written = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         made = render(pipeline, chunk, device, settings)
-        written.append(writer.remote(str(folder), [row["file"] for row in chunk], made))
+        written.append(write(str(folder), [row["file"] for row in chunk], made))
         images += made
         progress.update(len(made))
-    ray.get(written)
+    for done in written:
+        done.result()
     return images
 
 

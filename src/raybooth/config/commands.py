@@ -46,9 +46,9 @@ class GenerateConfig:
     num_workers: int | None = option(None, "Generation actors (default: one per GPU, or one on CPU).")
     use_gpu: bool | None = option(None, "Generate on GPUs (default: when the Ray cluster has any).")
     address: str | None = option(None, "Ray cluster to attach to (default: RAY_ADDRESS, else a local Ray).")
-    local_mode: bool | None = option(None, "Render in this command's own process, the pipeline loading while Ray "
-                                           "starts; Ray's tasks write the PNGs (default: on where one actor would "
-                                           "render, on a Ray this command starts).")
+    local_mode: bool | None = option(None, "Render in this command's own process, without Ray; processes of its "
+                                           "own write the PNGs (default: on where one actor would render, on a Ray "
+                                           "this command would start).")
     verbose: bool = option(False, VERBOSE_HELP)
     use_ray_data: bool = option(True, "Accepted for the seed scripts; Ray Data runs generation's actors.",
                                 hidden=True)
@@ -63,8 +63,8 @@ class GenerateConfig:
             raise RayboothError("--local_mode renders in this process; it does not go with --num_workers above 1")
 
     def uses_local_mode(self, started_here: bool, actors: int) -> bool:
-        """As --local_mode says, else where one actor would render, on a Ray this command started
-        (on a cluster the command's own machine may have no GPU)."""
+        """As --local_mode says, else where one actor would render, on a Ray this command would
+        start (on a cluster the command's own machine may have no GPU)."""
         if self.local_mode is not None:
             return self.local_mode
         return started_here and actors == 1
