@@ -100,6 +100,7 @@ def test_local_generation_starts_no_ray_and_writes_whole_pngs_from_processes_of_
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "rendering on CPU in this process (local mode), in batches of 2" in done.stderr
+    assert "pipeline loaded on cpu in " in done.stderr
     assert done.stdout.split()[-1] == "False"  # Ray was not even imported
     assert sorted(path.name for path in output.iterdir()) == sorted(image_name("a toy car", i) for i in range(3))
     assert all(Image.open(path).size == (64, 64) for path in output.iterdir())

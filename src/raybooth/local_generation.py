@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -18,6 +19,7 @@ from raybooth.config.fields import inference_steps
 from raybooth.errors import RayboothError
 from raybooth.generate import actor_count, default_batch_size, load_pipeline, pipeline_settings
 from raybooth.launch import as_a_worker
+from raybooth.log import log
 from raybooth.watch.progress import ImageProgress
 from raybooth.worker_images import render_and_write, write_pngs
 
@@ -58,6 +60,15 @@ def generate_here(cfg: GenerateConfig, model_dir: Path, lora_weights: str | None
     settings = pipeline_settings(inference_steps(cfg.sampler, cfg.num_inference_steps), cfg.guidance_scale, resolution)
     threads = None if device == "cuda" else cpus_per_worker(1, False, os.cpu_count() or 1)  # as Ray counts them
     with png_writers(device) as pool, as_a_worker(threads):
-        render_and_write(load_pipeline(model_dir, device, cfg.dtype, cfg.sampler, cfg.safety_checker, lora_weights,
-                                       cfg.lora_scale),
-                         todo, Path(cfg.output_dir), batch_size, settings, progress, partial(pool.submit, write_pngs))
+        render_and_write(pipeline_for(cfg, model_dir, lora_weights, device), todo, Path(cfg.output_dir), batch_size,
+                         settings, progress, partial(pool.submit, write_pngs))
+
+
+def pipeline_for(cfg: GenerateConfig, model_dir: Path, lora_weights: str | None, device: str):
+    """The pipeline, loaded with a line that says how long that took (imports included: on a GPU
+    machine most of the wait for the first image)."""
+    started = time.monotonic()
+    pipeline = load_pipeline(model_dir, device, cfg.dtype, cfg.sampler, cfg.safety_checker, lora_weights,
+                             cfg.lora_scale)
+    log(f"pipeline loaded on {device} in {time.monotonic() - started:.1f} s")
+    return pipeline
