@@ -21,9 +21,8 @@ import torch
 from levers import make_batch, seconds_per_step
 from raybooth.graphs import GraphedStep
 from raybooth.lora import add_adapters, save_adapters
-from raybooth.models import load_for_training
+from raybooth.models import load_for_training, use_flash_attention
 from raybooth.optim import enable_gradient_checkpointing
-from raybooth.models import use_flash_attention
 from raybooth.training import Precision, make_optimizer, train_step
 
 DEVICE = torch.device("cuda")

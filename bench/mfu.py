@@ -119,7 +119,7 @@ def profile(models, optimizer, precision, batch, eager, zero) -> dict:
     parts["vae_encode_channels_last_ms"] = timed(vae)
     parts["vae_encode_channels_last_no_autocast_ms"] = timed(vae_alone)
     models.vae.to(memory_format=torch.contiguous_format)
-    parts["forward_ms"] = timed(lambda: forward())
+    parts["forward_ms"] = timed(forward)
     parts["forward_and_backward_ms"] = timed(backward)
     parts["optimizer_ms"] = timed(optimizer_step)  # on the gradients the last backward left
     zero()

@@ -30,7 +30,8 @@ def local_device(cfg: GenerateConfig, images: int) -> str | None:
     """"cuda" or "cpu" where generation renders in this process, as --local_mode says (by default:
     where one actor would render, on a Ray this command would start); None where Ray Data's actors
     render. The GPUs are counted by torch, as a Ray started here would count them."""
-    if cfg.local_mode is False or not (cfg.local_mode or ray_started_here(cfg.address)):
+    started_here = ray_started_here(cfg.address)
+    if not cfg.uses_local_mode(started_here, actors=1):  # not even where one actor would render
         return None
     import torch
 
@@ -39,7 +40,7 @@ def local_device(cfg: GenerateConfig, images: int) -> str | None:
         raise RayboothError("--use_gpu was given but torch sees no GPU on this machine")
     batch_size = cfg.batch_size or default_batch_size(use_gpu)
     actors = actor_count(cfg, use_gpu, torch.cuda.device_count(), images, batch_size)
-    return ("cuda" if use_gpu else "cpu") if cfg.uses_local_mode(True, actors) else None
+    return ("cuda" if use_gpu else "cpu") if cfg.uses_local_mode(started_here, actors) else None
 
 
 def png_writers(device: str) -> ProcessPoolExecutor:

@@ -64,25 +64,22 @@ def png_writer():
     return ray.remote(write_pngs).options(scheduling_strategy=here)
 
 
-def start_png_writer(folder: Path) -> None:
-    """A Ray worker for the PNG writes, started while the pipeline loads, not after the first
-    batch: Ray starts no idle workers ahead (cluster.start_local_ray), and a worker's start took
-    about 1 s of the first image on a GPU machine (bench/RESULTS.md)."""
-    png_writer().remote(str(folder), [], [])  # writes nothing; the worker stays for the writes
-
-
 def ray_png_writes() -> Callable[[str, list[str], list[np.ndarray]], Future]:
+    """`write_pngs` as Ray tasks on this node, a Future each. Its Ray worker starts now, while the
+    pipeline loads, not after the first batch: Ray starts no idle workers ahead
+    (cluster.start_local_ray), and a worker's start took about 1 s of the first image on a GPU
+    machine (bench/RESULTS.md)."""
     writer = png_writer()
+    writer.remote("", [], [])  # writes nothing; the worker stays for the writes
     return lambda folder, files, images: writer.remote(folder, files, images).future()
 
 
 def render_and_write(pipeline, rows: list[dict], folder: Path, batch_size: int, settings: dict,
                      progress: ImageProgress,
-                     write: Callable[[str, list[str], list[np.ndarray]], Future] | None = None) -> list[np.ndarray]:
+                     write: Callable[[str, list[str], list[np.ndarray]], Future]) -> list[np.ndarray]:
     """Images for `rows` (prompt, seed, file) from a pipeline in this process, written to
-    `folder` whole or not at all. PNG encoding runs in other processes, `write`'s (by default Ray
-    tasks): in threads here it held up the GPU's work."""
-    write = write or ray_png_writes()
+    `folder` whole or not at all. PNG encoding runs in other processes, `write`'s (Ray tasks, or
+    local generation's own): in threads here it held up the GPU's work."""
     device = pipeline.device.type
     images: list[np.ndarray] = []
     written = []
@@ -106,12 +103,12 @@ def make_images_on_worker(models, model_dir: Path, rows: list[dict], folder: Pat
         return []
     import torch
 
-    start_png_writer(folder)
+    write = ray_png_writes()
     pipeline = pipeline_from_models(models, model_dir, cfg.sampler, safety_checker)
     batch_size = cfg.sample_batch_size or default_batch_size(models.device.type == "cuda")
     settings = pipeline_settings(inference_steps(cfg.sampler, cfg.num_inference_steps), cfg.guidance_scale, resolution)
     progress = ImageProgress(len(rows), what, say, bar)
-    images = render_and_write(pipeline, rows, folder, batch_size, settings, progress)
+    images = render_and_write(pipeline, rows, folder, batch_size, settings, progress, write)
     progress.close()
     del pipeline
     if models.device.type == "cuda":
