@@ -3,7 +3,7 @@ time goes. One fresh process per call (a batch that runs out of memory leaves no
 the next); prints one JSON line.
 
     python bench/mfu.py MODEL_DIR PAIRS [--contiguous] [--cudnn-attention] [--bf16-weights] [--eager]
-                        [--profile] [--ops]
+                        [--compile | --compile-blocks] [--profile] [--ops]
 
 By default the step is the one raybooth trains on one GPU: class latents cached, UNet channels-last,
 flash attention, fp32 weights under bf16 autocast, text encoder trained, CUDA graph. FLOPs are
@@ -12,6 +12,9 @@ counted with torch.utils.flop_counter on an eager step; the peak is a bf16 matmu
 each part of the step timed alone (VAE encode of the instance images, forward, backward, optimizer);
 `--ops` the GPU time by PyTorch operator and input shapes. `--bf16-weights` trains bf16 copies of
 the weights over fp32 masters, computing without autocast, as --bf16_gradients does.
+`--compile` compiles the whole UNet and the VAE's encoder with Inductor as `raybooth train --compile`
+does, `--compile-blocks` only the UNet's ResNet and transformer blocks (one compile per block shape)
+and the VAE's encoder; the first step's seconds (compiling) are reported apart.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from levers import make_batch, matmul_peak
 from raybooth.graphs import GraphedStep
 from raybooth.masters import train_bf16_weights
 from raybooth.models import load_for_training, use_flash_attention
+from raybooth.stepping import compiled_for_training
 from raybooth.training import Precision, dreambooth_loss, latent_distribution, make_optimizer, train_step
 
 DEVICE = torch.device("cuda")
@@ -129,6 +133,25 @@ def profile(models, optimizer, precision, batch, eager, zero) -> dict:
             "top_kernels": [[round(ms, 2), count, kind, name] for ms, count, kind, name in kernels[:25]]}
 
 
+BLOCKS = {"ResnetBlock2D", "Transformer2DModel", "Downsample2D", "Upsample2D"}
+
+
+def compiled(models, flags):
+    """`--compile`: the models as `raybooth train --compile` compiles them (the whole UNet and the
+    VAE's encoder); `--compile-blocks`: the UNet's blocks alone, one compile per block shape, and
+    the VAE's encoder."""
+    if "--compile" in flags:
+        return compiled_for_training(models)
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = 64  # a compile per block shape, not dynamic shapes
+    for module in models.unet.modules():
+        if type(module).__name__ in BLOCKS:
+            module.compile(dynamic=False)
+    models.vae.encoder.compile(dynamic=False)
+    return models
+
+
 def main(model_dir: str, pairs: int, *flags: str) -> None:
     row: dict = {"pairs": pairs, "flags": flags, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     peak = matmul_peak()
@@ -153,6 +176,12 @@ def main(model_dir: str, pairs: int, *flags: str) -> None:
             eager(batch)
             zero()
         flop = counter.get_total_flops()
+        if any(flag.startswith("--compile") for flag in flags):
+            models = compiled(models, flags)
+            started = time.perf_counter()
+            eager(batch).total.item()
+            zero()
+            row["first_compiled_step_s"] = round(time.perf_counter() - started, 1)
         step = (lambda b: (eager(b), zero())[0]) if "--eager" in flags else GraphedStep(eager, zero)
         for _ in range(5):
             step(batch)

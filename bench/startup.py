@@ -70,6 +70,8 @@ def main(model_dir: str, out_dir: str, *flags: str) -> None:
             for path in sorted(train_logs.glob("ray-train-sys-*.log")):
                 for line in path.read_text().splitlines():
                     merged.write(json.dumps({"file": path.name[:32], **json.loads(line)}) + "\n")
+    metrics = WORK / "tuned" / "metrics.json"  # the run's phases, throughput and GPU memory
+    report["metrics"] = json.loads(metrics.read_text()) if metrics.is_file() else None
     (out / "startup.json").write_text(json.dumps(report, indent=1))
     marks = {"Ray up": "started Ray", "planned": "fine-tuning", "loop starts": "up; loading", "model loaded":
              "model loaded", "first step": "first step done", "saved": "saved", "last line": "wrote the fine-tuned"}
@@ -77,7 +79,8 @@ def main(model_dir: str, out_dir: str, *flags: str) -> None:
              for name, text in marks.items()}
     train = report["train_100"]
     print(json.dumps({"run": out.name, "flags": flags, "wall_s": train["wall_s"], "exit": train["exit"],
-                      "fixed_cost_s": train["fixed_cost_s"], "steps_per_s": train["steps_per_s"], **times}))
+                      "fixed_cost_s": train["fixed_cost_s"], "steps_per_s": train["steps_per_s"], **times,
+                      **{key: value for key, value in (report["metrics"] or {}).items() if "gpu" in key}}))
 
 
 if __name__ == "__main__":

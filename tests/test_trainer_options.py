@@ -33,10 +33,11 @@ def test_train_with_the_optimizer_options_and_a_config_file(ray_cluster, tiny_mo
     StableDiffusionPipeline.from_pretrained(output)
 
 
-def test_train_with_prompts_encoded_once_samples_with_the_encoder_loaded_again(ray_cluster, tiny_model_dir,
-                                                                               subject_dir, tmp_path):
+def test_train_compiled_with_prompts_encoded_once_samples_with_the_encoder_loaded_again(
+        ray_cluster, tiny_model_dir, subject_dir, tmp_path, capsys):
+    # --compile: the step's UNet is compiled; the samples after training use the eager one.
     output, samples = tmp_path / "tuned", tmp_path / "samples"
-    assert main(train_args(tiny_model_dir, output, subject_dir, tmp_path / "class", "--no_use_gpu",
+    assert main(train_args(tiny_model_dir, output, subject_dir, tmp_path / "class", "--no_use_gpu", "--compile",
                            "--max_train_steps", "3", "--pre_compute_text_embeddings", "--no_train_text_encoder",
                            "--center_crop", "--tokenizer_max_length", "40", "--lr_scheduler", "linear",
                            "--sample_prompts", "a unqtkn toy car on the beach", "--num_samples_per_prompt", "1",
@@ -44,17 +45,21 @@ def test_train_with_prompts_encoded_once_samples_with_the_encoder_loaded_again(r
     assert differs(weights(output, "unet"), weights(tiny_model_dir, "unet"))
     assert not differs(weights(output, "text_encoder"), weights(tiny_model_dir, "text_encoder"))
     assert len(list(samples.glob("*.png"))) == 1
+    assert "compiled by Inductor" in capsys.readouterr().err
+    assert json.loads((output / "training_log.json").read_text())["config"]["compile"] is True
 
 
-def test_two_workers_in_bf16_train_bf16_weights_over_fp32_masters_and_save_the_masters(
+def test_two_compiled_workers_in_bf16_train_bf16_weights_over_fp32_masters_and_save_the_masters(
         ray_cluster, tiny_model_dir, subject_dir, tmp_path, capsys):
     # Several workers in bf16: the trained weights are bf16 copies, their fp32 masters what AdamW
-    # steps, checkpoints hold and the output gets (--bf16_gradients' default).
+    # steps, checkpoints hold and the output gets (--bf16_gradients' default). With --compile,
+    # Dynamo compiles the UNet's DDP wrapper, split at its gradient buckets.
     output = tmp_path / "tuned"
     assert main(train_args(tiny_model_dir, output, subject_dir, tmp_path / "class", "--no_use_gpu",
                            "--num_workers", "2", "--mixed_precision", "bf16", "--max_train_steps", "3",
-                           "--checkpointing_steps", "2", "--lr", "1e-3")) == 0
-    assert "bf16 weights over fp32 masters" in capsys.readouterr().err
+                           "--checkpointing_steps", "2", "--lr", "1e-3", "--compile")) == 0
+    err = capsys.readouterr().err
+    assert "bf16 weights over fp32 masters" in err and "compiled by Inductor" in err
     log = json.loads((output / "training_log.json").read_text())
     assert log["bf16_gradients"] is True and len(log["history"]) == 3
     for part in ("unet", "text_encoder"):

@@ -22,7 +22,8 @@ from raybooth.training import Loss
 from raybooth.watch import raylog
 from raybooth.watch.progress import ImageProgress
 from raybooth.watch.raylog import RayOutput, restore_ray_output, send_ray_output
-from raybooth.watch.report import PANEL_SIZE, PANELS, TITLE_HEIGHT, draw_report, panel_boxes
+from raybooth.watch.monitor import gpu_memory
+from raybooth.watch.report import PANEL_SIZE, PANELS, TITLE_HEIGHT, draw_report, panel_boxes, write_metrics
 from raybooth.watch.tensorboard import Board
 from raybooth.watch.validation import grid
 
@@ -155,6 +156,14 @@ def test_progress_is_a_bar_in_a_terminal_and_a_line_now_and_then_elsewhere(capsy
     assert "samples: 100%" in capsys.readouterr().err and said[0].startswith("made 3 samples on this worker")
 
 
+def test_the_metrics_keep_what_rank_0_measured_of_its_gpus_memory(tmp_path):
+    gpu = {"peak_gpu_memory_gib": 64.4, "peak_gpu_reserved_gib": 70.1, "gpu_allocation_retries": 0}
+    metrics = write_metrics(tmp_path, [{"step": 3}], {"steps_run": 3, "loss": 0.5, **gpu}, 9.0, tmp_path, [])
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert metrics["steps"] == 3 and metrics["final_loss"] == 0.5 and gpu.items() <= metrics.items()
+    assert gpu_memory() == {}  # CUDA never started in this process
+
+
 def test_a_grid_is_near_square_row_by_row():
     images = [np.full((64, 48, 3), 10 * i, dtype=np.uint8) for i in range(1, 6)]
     canvas = grid(images)
@@ -264,6 +273,7 @@ def test_the_output_holds_the_report_and_the_metrics(watched_run):
     (run_logs,) = [path for path in (folder / "tuned" / "logs").iterdir() if path.is_dir()]
     assert metrics["logs_dir"] == str(run_logs)
     assert metrics["validation_grids"] == ["validation/step-000002.png", "validation/step-000004.png"]
+    assert not [key for key in metrics if "gpu" in key]  # no GPU memory to tell of on the CPU
     # The logs belong to the output: --overwrite replaces the model and keeps the earlier runs' logs.
     from raybooth.models import check_output_dir
 

@@ -2,6 +2,7 @@
 
 import sys
 import time
+import warnings
 
 _clock_start = time.time()
 PREFIX = "[raybooth "  # starts each of our lines: how they are told from Ray's in forwarded output
@@ -36,3 +37,6 @@ def quiet_model_libraries() -> None:
 
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
+    # With --compile: diffusers' up-samplers check torch's version through an lru_cache, which
+    # Dynamo traces through, warning each time it compiles one.
+    warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")

@@ -150,8 +150,9 @@ def train_worker(loop_config: dict) -> None:
     first_step, position = resume(plan, rank, models, optimization, losses, say)
     say(f"training on {world_size} worker(s), {device.type}, mixed precision {precision.mode}, "
         f"{'bf16 weights over fp32 masters, ' if models.masters is not None else ''}"
-        f"{'channels-last UNet, ' if channels_last else ''}"
-        f"{'CUDA graph, ' if isinstance(step, GraphedStep) else ''}{losses.total_steps} steps")
+        f"{'channels-last UNet, ' if channels_last else ''}{'CUDA graph, ' if isinstance(step, GraphedStep) else ''}"
+        f"{'compiled by Inductor (the first step compiles: minutes, unless cached), ' if cfg.compile else ''}"
+        f"{losses.total_steps} steps")
     checkpoints = CheckpointWriter(rank, plan.settings, say, plan.local_run_dir, cfg.checkpoints_total_limit)
     watch.mark("setup")
 

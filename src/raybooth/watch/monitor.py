@@ -9,6 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
+import torch
 from PIL import Image
 
 from raybooth.config.watch import METRICS_FILE
@@ -63,5 +64,17 @@ class RunWatch:
             return
         train_s = self.phases.get("train", 0.0)
         numbers = {**metrics, "steps_run": self.steps_run, "phases_s": {k: round(v, 3) for k, v in self.phases.items()},
-                   "images_per_s": self.steps_run * images_per_step / train_s if train_s > 0 else None}
+                   "images_per_s": self.steps_run * images_per_step / train_s if train_s > 0 else None,
+                   **gpu_memory()}
         (Path(folder) / METRICS_FILE).write_text(json.dumps(numbers, indent=1))
+
+
+def gpu_memory() -> dict:
+    """This worker's GPU memory at its peak (the room a larger --train_batch_size has), and how
+    often the allocator had to free its cache to find room, each time a stall; nothing on CPU."""
+    if not torch.cuda.is_initialized():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {"peak_gpu_memory_gib": round(stats["allocated_bytes.all.peak"] / 2**30, 2),
+            "peak_gpu_reserved_gib": round(stats["reserved_bytes.all.peak"] / 2**30, 2),
+            "gpu_allocation_retries": stats["num_alloc_retries"]}

@@ -33,7 +33,8 @@ def write_metrics(folder: Path, history: list[dict], final: dict, wall_time_s: f
         "final_prior_loss": final.get("prior_loss"), "learning_rate": final.get("lr"),
         "images_per_s": final.get("images_per_s"), "wall_time_s": round(wall_time_s, 3),
         "phases_s": final.get("phases_s", {}), "logs_dir": str(logs_dir),
-        "validation_grids": [str(path.relative_to(path.parents[1])) for path in grids]}
+        "validation_grids": [str(path.relative_to(path.parents[1])) for path in grids],
+        **{key: value for key, value in final.items() if "gpu" in key}}  # rank 0's GPU memory, on GPUs
     (Path(folder) / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
     return metrics
 

@@ -1,0 +1,54 @@
+"""The step as the loop calls it: with --compile, Inductor's step does the eager step's arithmetic
+and leaves eager the modules that samples, validation and saving use. (A compiled step captured
+as a CUDA graph ran on an H100 only: bench/RESULTS.md.)"""
+
+import pytest
+import torch
+
+from raybooth.lora import add_to_models
+from raybooth.models import load_for_training
+from raybooth.optim import build_optimization
+from raybooth.stepping import make_step
+from raybooth.training import Precision
+
+from test_training import fixed_batch
+from test_worker import config
+
+CPU = torch.device("cpu")
+
+
+def trained(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [parameter for parameter in module.parameters() if parameter.requires_grad]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_compiled_step_trains_as_the_eager_step_does_and_leaves_the_modules_eager(tiny_model_dir, lora):
+    batch, runs = fixed_batch(tiny_model_dir), []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        cfg = config(compile=compiled, lr=1e-3, use_lora=lora)
+        models = load_for_training(tiny_model_dir, CPU, CPU, torch.float32, True, lora=lora)
+        if lora:
+            add_to_models(models, cfg)
+        modules = (models.unet, models.text_encoder)
+        before = [[parameter.detach().clone() for parameter in trained(module)] for module in modules]
+        optimization = build_optimization(models, cfg, 3)
+        step = make_step(models, optimization.optimizer, Precision("no", CPU), cfg, None, world_size=1)
+        torch.manual_seed(1)  # the same latents, noise and timesteps for both
+        losses = [step(batch).total.item() for _ in range(3)]
+        assert models.unet is modules[0]  # not Dynamo's wrapper: samples and saving stay eager
+        updates = [torch.cat([(parameter.detach() - old).flatten() for parameter, old in zip(trained(module), olds)])
+                   for module, olds in zip(modules, before)]
+        assert all(not torch.equal(parameter, old) for module, olds in zip(modules, before)
+                   for parameter, old in zip(trained(module), olds))  # every trained tensor moved
+        runs.append((losses, *updates))
+    (eager_losses, *eager_updates), (compiled_losses, *compiled_updates) = runs
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+    for eager, compiled in zip(eager_updates, compiled_updates):  # fused kernels round differently, by little
+        assert (compiled - eager).norm() < 1e-3 * eager.norm()
+
+
+def test_compile_keeps_the_unet_contiguous_where_channels_last_would_be_the_default():
+    assert config().uses_channels_last("cuda", world_size=1)
+    assert not config(compile=True).uses_channels_last("cuda", world_size=1)  # measured contiguous
+    assert config(compile=True, channels_last=True).uses_channels_last("cuda", world_size=1)
