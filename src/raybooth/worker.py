@@ -142,11 +142,10 @@ def train_worker(loop_config: dict) -> None:
     if world_size > 1:
         models = data_parallel(models, graph_stream, cfg.ddp_bucket_mb)
     optimization = build_optimization(models, cfg, plan.total_steps(cfg), world_size, lr_as_tensor=graph)
-    optimizer = optimization.optimizer
-    step = make_step(models, optimizer, precision, cfg, graph_stream, world_size)
+    step = make_step(models, optimization.optimizer, precision, cfg, graph_stream, world_size)
     images_per_step = 2 * cfg.train_batch_size * cfg.gradient_accumulation_steps * world_size
     losses = LossLog(plan.total_steps(cfg), world_size, images_per_step, verbose=rank == 0,
-                     optimizer=optimizer, board=watch.board)
+                     optimizer=optimization.optimizer, board=watch.board)
     first_step, position = resume(plan, rank, models, optimization, losses, say)
     say(f"training on {world_size} worker(s), {device.type}, mixed precision {precision.mode}, "
         f"{'bf16 weights over fp32 masters, ' if models.masters is not None else ''}"
