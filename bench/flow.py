@@ -27,11 +27,12 @@ SAMPLE_PROMPTS = [f"a photo of unqtkn dog {scene}".strip() for scene in
 
 def run(name: str, command: list[str], out: Path, env: dict | None = None) -> dict:
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    log = out / f"{name}.log"
+    with open(log, "w") as written:  # as it comes: a run cut short by the device's time limit leaves its log
+        result = subprocess.run(command, stdout=written, stderr=subprocess.STDOUT, env=env)
     wall = time.perf_counter() - started
-    (out / f"{name}.log").write_text(result.stdout + result.stderr)
     print(f"{name}: exit {result.returncode}, {wall:.1f} s", flush=True)
-    return {"wall_s": round(wall, 1), "exit": result.returncode, "log": result.stderr}
+    return {"wall_s": round(wall, 1), "exit": result.returncode, "log": log.read_text()}
 
 
 def photos(folder: Path) -> Path:

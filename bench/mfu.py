@@ -3,7 +3,7 @@ time goes. One fresh process per call (a batch that runs out of memory leaves no
 the next); prints one JSON line.
 
     python bench/mfu.py MODEL_DIR PAIRS [--contiguous] [--cudnn-attention] [--bf16-weights] [--eager]
-                        [--compile | --compile-blocks] [--profile] [--ops]
+                        [--compile | --compile-blocks] [--known-latents] [--steps=N] [--profile] [--ops]
 
 By default the step is the one raybooth trains on one GPU: class latents cached, UNet channels-last,
 flash attention, fp32 weights under bf16 autocast, text encoder trained, CUDA graph. FLOPs are
@@ -14,7 +14,10 @@ each part of the step timed alone (VAE encode of the instance images, forward, b
 the weights over fp32 masters, computing without autocast, as --bf16_gradients does.
 `--compile` compiles the whole UNet and the VAE's encoder with Inductor as `raybooth train --compile`
 does, `--compile-blocks` only the UNet's ResNet and transformer blocks (one compile per block shape)
-and the VAE's encoder; the first step's seconds (compiling) are reported apart.
+and the VAE's encoder; the first step's seconds (compiling) are reported apart. `--known-latents`
+gives the instance rows as latent distributions too, as raybooth's batches do once each crop was
+drawn (batches.py): the step runs no VAE. `--steps=N` times N steps (10 by default) and reports
+each ten's milliseconds as well: a GPU that slows under sustained load shows there.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from raybooth.graphs import GraphedStep
 from raybooth.masters import train_bf16_weights
 from raybooth.models import load_for_training, use_flash_attention
 from raybooth.stepping import compiled_for_training
-from raybooth.training import Precision, dreambooth_loss, latent_distribution, make_optimizer, train_step
+from raybooth.training import Batch, Precision, dreambooth_loss, latent_distribution, make_optimizer, train_step
 
 DEVICE = torch.device("cuda")
 # Kernel names to kinds, first match wins: the optimizer's multi-tensor kernels include the
@@ -118,11 +121,13 @@ def profile(models, optimizer, precision, batch, eager, zero) -> dict:
         with torch.no_grad():
             latent_distribution(models.vae, batch.pixels)
 
-    parts = {"vae_encode_ms": timed(vae), "vae_encode_no_autocast_ms": timed(vae_alone)}
-    models.vae.to(memory_format=torch.channels_last)
-    parts["vae_encode_channels_last_ms"] = timed(vae)
-    parts["vae_encode_channels_last_no_autocast_ms"] = timed(vae_alone)
-    models.vae.to(memory_format=torch.contiguous_format)
+    parts = {}
+    if batch.pixels is not None:
+        parts = {"vae_encode_ms": timed(vae), "vae_encode_no_autocast_ms": timed(vae_alone)}
+        models.vae.to(memory_format=torch.channels_last)
+        parts["vae_encode_channels_last_ms"] = timed(vae)
+        parts["vae_encode_channels_last_no_autocast_ms"] = timed(vae_alone)
+        models.vae.to(memory_format=torch.contiguous_format)
     parts["forward_ms"] = timed(forward)
     parts["forward_and_backward_ms"] = timed(backward)
     parts["optimizer_ms"] = timed(optimizer_step)  # on the gradients the last backward left
@@ -136,12 +141,12 @@ def profile(models, optimizer, precision, batch, eager, zero) -> dict:
 BLOCKS = {"ResnetBlock2D", "Transformer2DModel", "Downsample2D", "Upsample2D"}
 
 
-def compiled(models, flags):
-    """`--compile`: the models as `raybooth train --compile` compiles them (the whole UNet and the
-    VAE's encoder); `--compile-blocks`: the UNet's blocks alone, one compile per block shape, and
-    the VAE's encoder."""
+def compiled(models, flags, encodes_images: bool):
+    """`--compile`: the models as `raybooth train --compile` compiles them (the whole UNet and,
+    when the step encodes images, the VAE's encoder); `--compile-blocks`: the UNet's blocks alone,
+    one compile per block shape, and the VAE's encoder."""
     if "--compile" in flags:
-        return compiled_for_training(models)
+        return compiled_for_training(models, encodes_images)
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = 64  # a compile per block shape, not dynamic shapes
@@ -155,6 +160,7 @@ def compiled(models, flags):
 def main(model_dir: str, pairs: int, *flags: str) -> None:
     row: dict = {"pairs": pairs, "flags": flags, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     peak = matmul_peak()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as raybooth's worker sets them
     if "--cudnn-attention" not in flags:
         use_flash_attention(DEVICE)
     precision = Precision("bf16", DEVICE)
@@ -167,6 +173,11 @@ def main(model_dir: str, pairs: int, *flags: str) -> None:
     else:
         optimizer = make_optimizer(models.trainable_parameters(), lr=5e-6)
     batch = make_batch(models, pairs, cached=True)
+    if "--known-latents" in flags:
+        with torch.no_grad():
+            mean, std = latent_distribution(models.vae, batch.pixels)
+        batch = Batch(None, batch.prompt_ids, torch.cat([mean, batch.latent_mean]), torch.cat([std, batch.latent_std]))
+    steps = next((int(flag.split("=")[1]) for flag in flags if flag.startswith("--steps=")), 10)
     eager = lambda b: train_step(models, optimizer, precision, b, 1.0, 1.0)  # noqa: E731
     zero = lambda: optimizer.zero_grad(set_to_none=True)  # noqa: E731
     try:
@@ -177,7 +188,7 @@ def main(model_dir: str, pairs: int, *flags: str) -> None:
             zero()
         flop = counter.get_total_flops()
         if any(flag.startswith("--compile") for flag in flags):
-            models = compiled(models, flags)
+            models = compiled(models, flags, batch.pixels is not None)
             started = time.perf_counter()
             eager(batch).total.item()
             zero()
@@ -186,11 +197,16 @@ def main(model_dir: str, pairs: int, *flags: str) -> None:
         for _ in range(5):
             step(batch)
         torch.cuda.synchronize()
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps // 10 + 1)]
         started = time.perf_counter()
-        for _ in range(10):
+        marks[0].record()
+        for index in range(steps):
             loss = step(batch)
+            if index % 10 == 9 and index // 10 + 1 < len(marks):
+                marks[index // 10 + 1].record()
         loss.total.item()
-        seconds = (time.perf_counter() - started) / 10
+        seconds = (time.perf_counter() - started) / steps
+        row["ms_per_ten"] = [round(a.elapsed_time(b) / 10, 1) for a, b in zip(marks, marks[1:])]
         row |= {"step_ms": round(seconds * 1e3, 1), "images_per_s": round(2 * pairs / seconds, 1),
                 "tflop_per_step": round(flop / 1e12, 2), "tflops": round(flop / seconds / 1e12, 1),
                 "peak_tflops": round(peak), "mfu": round(flop / seconds / 1e12 / peak, 3),

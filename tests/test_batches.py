@@ -41,7 +41,7 @@ def test_each_batch_has_one_shape_instance_rows_first_then_class_rows():
     batches = [batch for _, _, batch in images.batches(num_epochs=2, max_steps=100)]
     assert len(batches) == 6
     for batch in batches:
-        assert batch.pixels.shape == (4, 3, 64, 64) and batch.class_latent_mean is None
+        assert batch.pixels.shape == (4, 3, 64, 64) and batch.latent_mean is None
         assert torch.all(batch.pixels[:2] == -1) and torch.all(batch.pixels[2:] == 1)  # black photos, white classes
         assert batch.prompt_ids.tolist() == [[1, 2, 3]] * 2 + [[4, 5, 6]] * 2
 
@@ -68,12 +68,60 @@ def test_class_latents_are_cached_when_class_images_are_at_the_resolution(vae):
     torch.testing.assert_close(images.class_latents[1], std)
     (_, _, batch), = images.batches(num_epochs=1, max_steps=1)
     assert batch.pixels.shape == (2, 3, 64, 64)  # instance crops only
-    assert batch.class_latent_mean.shape == batch.class_latent_std.shape == (2, *mean.shape[1:])
+    assert batch.latent_mean.shape == batch.latent_std.shape == (2, *mean.shape[1:])
 
 
 def test_class_images_of_another_size_are_cropped_each_step_instead(vae):
     images = training_set([solid(0)], [solid(9, 64, 100)])
     assert not images.cache_class_latents(vae) and images.class_latents is None
+
+
+def ramps(count: int, width: int) -> list[np.ndarray]:
+    """Photos whose every crop differs: a left-to-right ramp, steeper in each photo."""
+    return [np.repeat((np.arange(width)[None, :, None] * (k + 1)).astype(np.uint8), 64, axis=0).repeat(3, axis=2)
+            for k in range(count)]
+
+
+def test_each_crop_is_encoded_once_and_gives_the_latents_that_encoding_it_each_step_gives(vae):
+    """Remembered crops: the same crops drawn in the same order as a set that encodes them in each
+    step; each distinct crop encoded once, the first time it is drawn; then no encoding at all."""
+    def crop_set():
+        images = TrainingSet(ramps(2, 68), [solid(40), solid(200)], 64, pairing(2, 2, 4, 0, 1), 2,
+                             np.array([1]), np.array([2]), CPU, seed=3, random_flip=True)
+        images.cache_class_latents(vae)
+        return images
+
+    remembering, encoding = crop_set(), crop_set()
+    assert remembering.remember_crop_latents(vae) and remembering.distinct_crops() == 2 * 5 * 2
+    assert not remembering.encodes_in_step and encoding.encodes_in_step
+    encoded = []
+    original_encode = vae.encode
+    vae.encode = lambda pixels: encoded.append(len(pixels)) or original_encode(pixels)
+    try:
+        seen = set()
+        for (_, _, known), (_, _, pixels) in zip(remembering.batches(60, 120), encoding.batches(60, 120)):
+            assert known.pixels is None and known.latent_mean.shape == known.latent_std.shape == (4, 4, 16, 16)
+            new = set(remembering.crop_latents) - seen
+            seen |= new
+            assert sum(encoded) == len(seen)  # only the crops drawn for the first time were encoded
+            mean, std = latent_distribution(vae, pixels.pixels)
+            encoded.pop()  # the reference's encoding
+            torch.testing.assert_close(known.latent_mean, torch.cat([mean, pixels.latent_mean]), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(known.latent_std, torch.cat([std, pixels.latent_std]), atol=1e-5, rtol=1e-4)
+    finally:
+        vae.encode = original_encode
+    assert len(seen) == 20  # 120 steps drew every crop, each encoded once
+
+
+def test_crops_are_encoded_in_the_step_without_cached_class_latents_or_past_the_memory_cap(vae):
+    photos = training_set(ramps(1, 72), [solid(9, 64, 100)])
+    assert not photos.cache_class_latents(vae) and not photos.remember_crop_latents(vae)
+    photos = training_set(ramps(1, 72), [solid(9)])
+    assert photos.cache_class_latents(vae) and photos.distinct_crops() == 9
+    assert not photos.remember_crop_latents(vae, max_bytes=9 * 2 * 4 * 16 * 16 * 4 - 1)  # fp32 mean and std: a byte short
+    assert photos.encodes_in_step and next(photos.batches(1, 1))[2].pixels.shape == (2, 3, 64, 64)
+    assert photos.remember_crop_latents(vae, max_bytes=9 * 2 * 4 * 16 * 16 * 4)
+    assert options_set(center_crop=True, random_flip=True).distinct_crops() == 2  # a crop and its mirror image
 
 
 def options_set(**options) -> TrainingSet:

@@ -8,7 +8,7 @@ import torch
 from raybooth.lora import add_to_models
 from raybooth.models import load_for_training
 from raybooth.optim import build_optimization
-from raybooth.stepping import make_step
+from raybooth.stepping import compiled_for_training, make_step
 from raybooth.training import Precision
 
 from test_training import fixed_batch
@@ -52,3 +52,12 @@ def test_compile_keeps_the_unet_contiguous_where_channels_last_would_be_the_defa
     assert config().uses_channels_last("cuda", world_size=1)
     assert not config(compile=True).uses_channels_last("cuda", world_size=1)  # measured contiguous
     assert config(compile=True, channels_last=True).uses_channels_last("cuda", world_size=1)
+
+
+def test_the_vae_encoder_is_compiled_only_for_a_step_that_encodes_images(tiny_model_dir):
+    # Crops encoded ahead of the step (batches.py) come in varying numbers: each would cost a compile.
+    for encodes_images in (False, True):
+        models = load_for_training(tiny_model_dir, CPU, CPU, torch.float32, True)
+        compiled = compiled_for_training(models, encodes_images)
+        assert (models.vae.encoder._compiled_call_impl is not None) == encodes_images
+        assert compiled.unet is not models.unet and compiled.vae is models.vae

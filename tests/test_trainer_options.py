@@ -35,7 +35,8 @@ def test_train_with_the_optimizer_options_and_a_config_file(ray_cluster, tiny_mo
 
 def test_train_compiled_with_prompts_encoded_once_samples_with_the_encoder_loaded_again(
         ray_cluster, tiny_model_dir, subject_dir, tmp_path, capsys):
-    # --compile: the step's UNet is compiled; the samples after training use the eager one.
+    # --compile: the step's UNet is compiled; the samples after training use the eager one. The
+    # photos' crops are encoded ahead of the step (by the eager VAE: batches.py), once each.
     output, samples = tmp_path / "tuned", tmp_path / "samples"
     assert main(train_args(tiny_model_dir, output, subject_dir, tmp_path / "class", "--no_use_gpu", "--compile",
                            "--max_train_steps", "3", "--pre_compute_text_embeddings", "--no_train_text_encoder",
@@ -45,7 +46,8 @@ def test_train_compiled_with_prompts_encoded_once_samples_with_the_encoder_loade
     assert differs(weights(output, "unet"), weights(tiny_model_dir, "unet"))
     assert not differs(weights(output, "text_encoder"), weights(tiny_model_dir, "text_encoder"))
     assert len(list(samples.glob("*.png"))) == 1
-    assert "compiled by Inductor" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "compiled by Inductor" in err and "possible crops is encoded once, when first drawn" in err
     assert json.loads((output / "training_log.json").read_text())["config"]["compile"] is True
 
 

@@ -134,10 +134,11 @@ def test_auto_precision_is_full_precision_on_cpu():
     assert Precision("no", CPU).autocast().__class__.__name__ == "nullcontext"
 
 
-def test_cached_class_latents_give_the_loss_that_encoding_the_class_images_gives(tiny_model_dir):
-    """Class images at the training resolution are encoded once (batches.py): a step then draws
-    from the cached latent distribution instead of running the VAE on the same image again. With
-    the VAE's latent noise switched off, both ways must give the very same loss."""
+def test_cached_latents_give_the_loss_that_encoding_the_images_gives(tiny_model_dir):
+    """Class images at the training resolution are encoded once, instance crops when first drawn
+    (batches.py): a step then draws from the cached latent distribution instead of running the
+    VAE on the same image again. With the VAE's latent noise switched off, both ways must give
+    the very same loss."""
     models = load_for_training(tiny_model_dir, CPU, CPU, torch.float32, train_text_encoder=True)
     quant = models.vae.quant_conv  # outputs (mean, logvar): logvar -30 makes each latent its mean
     with torch.no_grad():
@@ -152,6 +153,12 @@ def test_cached_class_latents_give_the_loss_that_encoding_the_class_images_gives
     encoded = sample_latents(models, batch)
     torch.manual_seed(0)
     torch.testing.assert_close(sample_latents(models, cached), encoded)
+    with torch.no_grad():
+        instance_mean, instance_std = latent_distribution(models.vae, batch.pixels[:2])
+    every_row = Batch(None, batch.prompt_ids, torch.cat([instance_mean, mean]), torch.cat([instance_std, std]))
+    assert evaluation_loss(models, every_row) == pytest.approx(evaluation_loss(models, batch), rel=1e-5)
+    torch.manual_seed(0)
+    torch.testing.assert_close(sample_latents(models, every_row), encoded)
     swapped = Batch(batch.pixels[:2], batch.prompt_ids, mean.flip(0), std)  # class rows in the wrong order
     assert not torch.allclose(sample_latents(models, swapped), encoded, atol=1e-3)
 

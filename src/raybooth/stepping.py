@@ -29,22 +29,26 @@ def use_cuda_graph(cfg, precision: Precision, device: torch.device, text_encoder
     return blocker is None
 
 
-def compiled_for_training(models):
+def compiled_for_training(models, encodes_images: bool = True):
     """The models as --compile's step calls them: the UNet (DDP's wrapper included, which lets
-    Dynamo split the graph at DDP's buckets) and the VAE's encoder compiled by Inductor for the
-    step's fixed shapes. Its fused kernels (GroupNorm with SiLU, residual additions, layouts)
-    took 22-31% off a step at batch 32 on an H100, in or out of a CUDA graph (bench/RESULTS.md).
-    Samples, validation and saving keep the eager UNet: their shapes would each cost a compile."""
-    models.vae.encoder.compile(dynamic=False)  # in place: only the step encodes images from here on
+    Dynamo split the graph at DDP's buckets) and, when the step encodes images, the VAE's encoder
+    compiled by Inductor for the step's fixed shapes. Its fused kernels (GroupNorm with SiLU,
+    residual additions, layouts) took 22-31% off a step at batch 32 on an H100, in or out of a
+    CUDA graph (bench/RESULTS.md). Samples, validation and saving keep the eager UNet, and the
+    crops encoded ahead of the step (batches.py) the eager encoder: their shapes would each cost
+    a compile."""
+    if encodes_images:
+        models.vae.encoder.compile(dynamic=False)  # in place: only the step encodes images from here on
     return dataclasses.replace(models, unet=torch.compile(models.unet, dynamic=False))
 
 
 def make_step(models, optimizer: torch.optim.Optimizer, precision: Precision, cfg,
-              graph_stream: torch.cuda.Stream | None, world_size: int):
+              graph_stream: torch.cuda.Stream | None, world_size: int, encodes_images: bool = True):
     """The step as called in the loop: a CUDA graph captured on `graph_stream`, or eager without one;
-    with --compile, Inductor's code runs in either."""
+    with --compile, Inductor's code runs in either. `encodes_images`: whether its batches hold
+    pixels for the VAE to encode."""
     if cfg.compile:
-        models = compiled_for_training(models)
+        models = compiled_for_training(models, encodes_images)
 
     def step(batch):
         return train_step(models, optimizer, precision, batch, cfg.prior_loss_weight, cfg.max_grad_norm,

@@ -93,14 +93,14 @@ def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor
 @dataclass
 class Batch:
     """One step's examples, instance rows first, then class rows; `prompt_ids` matches row for row.
-    Class images whose VAE latents were computed once come as that latent distribution (mean,
-    std) instead of pixels: they are at the training resolution already, so encoding them each
-    step would give the same distribution again."""
+    Rows whose VAE latent distribution was computed ahead (class images at the training resolution,
+    instance crops drawn before: batches.py) come as that distribution (mean, std) after the rows
+    given as pixels; encoding the same image again each step would give the same distribution."""
 
-    pixels: torch.Tensor  # images to encode this step, in [-1, 1]: the instance crops (and class crops)
+    pixels: torch.Tensor | None  # the rows to encode this step, in [-1, 1]; None when every row's is known
     prompt_ids: torch.Tensor
-    class_latent_mean: torch.Tensor | None = None
-    class_latent_std: torch.Tensor | None = None
+    latent_mean: torch.Tensor | None = None
+    latent_std: torch.Tensor | None = None
     prompt_embeds: torch.Tensor | None = None  # the text encoder's output for prompt_ids, when computed once
 
 
@@ -114,9 +114,11 @@ def sample_latents(models: DreamBoothModels, batch: Batch) -> torch.Tensor:
     """Scaled latents of every row: one fresh draw from each image's latent distribution, cached
     or encoded now, with one call for the noise, so both ways consume the same random numbers."""
     with torch.no_grad():
-        mean, std = latent_distribution(models.vae, batch.pixels)
-        if batch.class_latent_mean is not None:
-            mean, std = torch.cat([mean, batch.class_latent_mean]), torch.cat([std, batch.class_latent_std])
+        mean, std = batch.latent_mean, batch.latent_std
+        if batch.pixels is not None:
+            encoded_mean, encoded_std = latent_distribution(models.vae, batch.pixels)
+            mean, std = ((encoded_mean, encoded_std) if mean is None
+                         else (torch.cat([encoded_mean, mean]), torch.cat([encoded_std, std])))
         latents = mean + std * torch.randn_like(std)
     return latents * models.vae.config.scaling_factor
 

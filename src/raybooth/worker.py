@@ -122,8 +122,8 @@ def train_worker(loop_config: dict) -> None:
         cfg.train_batch_size, tokenize(tokenizer, cfg.instance_prompt, cfg.tokenizer_max_length),
         tokenize(tokenizer, cfg.class_prompt, cfg.tokenizer_max_length), device, cfg.seed + rank,
         accumulation=cfg.gradient_accumulation_steps, center_crop=cfg.center_crop, random_flip=cfg.random_flip)
-    if training_set.cache_class_latents(models.vae):
-        say("class images encoded once: they are at the training resolution")
+    for done in training_set.encode_ahead(models.vae):
+        say(done)
     make_samples(plan, rank, models, cfg, say, before_training=True)  # the pretrained model's
     if cfg.use_lora:  # after the class images and samples, which come from the base model
         lora.add_to_models(models, cfg)
@@ -142,7 +142,7 @@ def train_worker(loop_config: dict) -> None:
     if world_size > 1:
         models = data_parallel(models, graph_stream, cfg.ddp_bucket_mb)
     optimization = build_optimization(models, cfg, plan.total_steps(cfg), world_size, lr_as_tensor=graph)
-    step = make_step(models, optimization.optimizer, precision, cfg, graph_stream, world_size)
+    step = make_step(models, optimization.optimizer, precision, cfg, graph_stream, world_size, training_set.encodes_in_step)
     images_per_step = 2 * cfg.train_batch_size * cfg.gradient_accumulation_steps * world_size
     losses = LossLog(plan.total_steps(cfg), world_size, images_per_step, verbose=rank == 0,
                      optimizer=optimization.optimizer, board=watch.board)
