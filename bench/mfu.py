@@ -18,6 +18,9 @@ and the VAE's encoder; the first step's seconds (compiling) are reported apart. 
 gives the instance rows as latent distributions too, as raybooth's batches do once each crop was
 drawn (batches.py): the step runs no VAE. `--steps=N` times N steps (10 by default) and reports
 each ten's milliseconds as well: a GPU that slows under sustained load shows there.
+`--cudnn-attention` runs the step's attention with cuDNN's kernels first, as `raybooth train
+--cudnn_attention` does (stepping.training_attention); the first five steps' seconds (cuDNN's
+plans built, the graph captured) are reported.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from levers import make_batch, matmul_peak
 from raybooth.graphs import GraphedStep
 from raybooth.masters import train_bf16_weights
 from raybooth.models import load_for_training, use_flash_attention
-from raybooth.stepping import compiled_for_training
+from raybooth.stepping import compiled_for_training, training_attention
 from raybooth.training import Batch, Precision, dreambooth_loss, latent_distribution, make_optimizer, train_step
 
 DEVICE = torch.device("cuda")
@@ -161,8 +164,8 @@ def main(model_dir: str, pairs: int, *flags: str) -> None:
     row: dict = {"pairs": pairs, "flags": flags, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     peak = matmul_peak()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as raybooth's worker sets them
-    if "--cudnn-attention" not in flags:
-        use_flash_attention(DEVICE)
+    use_flash_attention(DEVICE)  # as raybooth's worker sets it; the step's attention as training_attention says
+    cudnn = "--cudnn-attention" in flags
     precision = Precision("bf16", DEVICE)
     models = load_for_training(model_dir, DEVICE, DEVICE, precision.frozen_dtype, True)
     if "--contiguous" not in flags:
@@ -178,7 +181,10 @@ def main(model_dir: str, pairs: int, *flags: str) -> None:
             mean, std = latent_distribution(models.vae, batch.pixels)
         batch = Batch(None, batch.prompt_ids, torch.cat([mean, batch.latent_mean]), torch.cat([std, batch.latent_std]))
     steps = next((int(flag.split("=")[1]) for flag in flags if flag.startswith("--steps=")), 10)
-    eager = lambda b: train_step(models, optimizer, precision, b, 1.0, 1.0)  # noqa: E731
+    def eager(b):
+        with training_attention(cudnn):
+            return train_step(models, optimizer, precision, b, 1.0, 1.0)
+
     zero = lambda: optimizer.zero_grad(set_to_none=True)  # noqa: E731
     try:
         from torch.utils.flop_counter import FlopCounterMode
@@ -194,9 +200,11 @@ def main(model_dir: str, pairs: int, *flags: str) -> None:
             zero()
             row["first_compiled_step_s"] = round(time.perf_counter() - started, 1)
         step = (lambda b: (eager(b), zero())[0]) if "--eager" in flags else GraphedStep(eager, zero)
+        started = time.perf_counter()
         for _ in range(5):
             step(batch)
         torch.cuda.synchronize()
+        row["first_5_steps_s"] = round(time.perf_counter() - started, 2)  # kernels loaded, plans built, graph captured
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps // 10 + 1)]
         started = time.perf_counter()
         marks[0].record()

@@ -61,3 +61,36 @@ def test_the_vae_encoder_is_compiled_only_for_a_step_that_encodes_images(tiny_mo
         compiled = compiled_for_training(models, encodes_images)
         assert (models.vae.encoder._compiled_call_impl is not None) == encodes_images
         assert compiled.unet is not models.unet and compiled.vae is models.vae
+
+
+def test_cudnn_attention_is_the_default_from_batch_4_or_with_compile_on_gpus():
+    assert not config().uses_cudnn_attention("cuda")  # batch 1: its plans would cost the first step more than it saves
+    assert config(train_batch_size=4).uses_cudnn_attention("cuda") and config(compile=True).uses_cudnn_attention("cuda")
+    assert not config(train_batch_size=4).uses_cudnn_attention("cpu")
+    assert config(cudnn_attention=True).uses_cudnn_attention("cuda")
+    assert not config(train_batch_size=32, cudnn_attention=False).uses_cudnn_attention("cuda")
+
+
+@pytest.mark.parametrize("cudnn", [False, True], ids=["process-wide", "cudnn-first"])
+def test_a_step_asks_for_cudnn_attention_only_while_it_runs(tiny_model_dir, monkeypatch, cudnn):
+    # The worker turns cuDNN's attention off for the images it makes (models.use_flash_attention);
+    # the step turns it on for its own attention calls and leaves the setting as it found it.
+    enabled_during_calls = []
+    attention = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        enabled_during_calls.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return attention(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        cfg = config(cudnn_attention=cudnn)
+        models = load_for_training(tiny_model_dir, CPU, CPU, torch.float32, True)
+        optimization = build_optimization(models, cfg, 1)
+        step = make_step(models, optimization.optimizer, Precision("no", CPU), cfg, None, world_size=1)
+        assert torch.isfinite(step(fixed_batch(tiny_model_dir)).total)
+        assert enabled_during_calls and set(enabled_during_calls) == {cudnn}  # the UNet's and the text encoder's
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)

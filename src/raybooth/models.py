@@ -115,10 +115,10 @@ def half_precision_dtype() -> torch.dtype:
 
 
 def use_flash_attention(device: torch.device | str) -> None:
-    """PyTorch's flash attention in place of cuDNN's, its first choice on an H100, for training
-    and generation alike. cuDNN's builds a plan for each attention shape the first time it runs:
-    7.7 s of the first training step at SD-1.5 size and 1.4-5.3 s of the first batch of images,
-    for later calls 3-10% faster (bench/RESULTS.md)."""
+    """PyTorch's flash attention in place of cuDNN's, its first choice on an H100: cuDNN's builds a
+    plan per attention shape when it first runs it (1.4-5.3 s of the first batch of images, 2.3 s of
+    a first training step at 1+1), for later calls 3-10% faster (bench/RESULTS.md). A large training
+    step asks for cuDNN's again (stepping.training_attention): there it is much faster."""
     import torch
 
     if torch.device(device).type == "cuda":

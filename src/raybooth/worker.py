@@ -147,11 +147,11 @@ def train_worker(loop_config: dict) -> None:
     losses = LossLog(plan.total_steps(cfg), world_size, images_per_step, verbose=rank == 0,
                      optimizer=optimization.optimizer, board=watch.board)
     first_step, position = resume(plan, rank, models, optimization, losses, say)
+    levers = {"bf16 weights over fp32 masters": models.masters is not None, "channels-last UNet": channels_last,
+              "cuDNN attention": cfg.uses_cudnn_attention(device.type), "CUDA graph": isinstance(step, GraphedStep),
+              "compiled by Inductor (the first step compiles: minutes, unless cached)": cfg.compile}
     say(f"training on {world_size} worker(s), {device.type}, mixed precision {precision.mode}, "
-        f"{'bf16 weights over fp32 masters, ' if models.masters is not None else ''}"
-        f"{'channels-last UNet, ' if channels_last else ''}{'CUDA graph, ' if isinstance(step, GraphedStep) else ''}"
-        f"{'compiled by Inductor (the first step compiles: minutes, unless cached), ' if cfg.compile else ''}"
-        f"{losses.total_steps} steps")
+        f"{''.join(f'{lever}, ' for lever, on in levers.items() if on)}{losses.total_steps} steps")
     checkpoints = CheckpointWriter(rank, plan.settings, say, plan.local_run_dir, cfg.checkpoints_total_limit)
     watch.mark("setup")
 

@@ -54,6 +54,11 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
                                               "training: faster at batch 1 (77 against 82 ms a step on an H100), "
                                               "slower at 4 (default: on one GPU worker at --train_batch_size 1, "
                                               "for full fine-tuning).")
+    cudnn_attention: bool | None = option(None, "Run the training step's attention with cuDNN's kernels first, "
+                                                "flash attention's where cuDNN's do not apply: at SD 1.5's "
+                                                "64x64 self-attention 1.75x as fast at batch 32 on an H100, but "
+                                                "cuDNN builds a plan per shape at the first step (default: at "
+                                                "--train_batch_size 4 and up, or with --compile).")
     report_every_n_steps: int = option(10, "Average the loss over workers and report it every N steps.")
     cuda_graphs: bool = option(True, "On GPUs, capture the training step (all-reduce included) as a CUDA graph "
                                      "and replay it (same math, about 2.5x faster; not with fp16 or "
@@ -167,6 +172,13 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
             return self.channels_last
         return (device_type == "cuda" and world_size == 1 and self.train_batch_size == 1 and not self.use_lora
                 and not self.compile)
+
+    def uses_cudnn_attention(self, device_type: str) -> bool:
+        """As --cudnn_attention says, else on GPUs at batch 4 and up or with --compile, where the
+        attention's share of a step makes up for the plans cuDNN builds first (bench/RESULTS.md)."""
+        if self.cudnn_attention is not None:
+            return self.cudnn_attention
+        return device_type == "cuda" and (self.train_batch_size >= 4 or self.compile)
 
     def local_mode_blocker(self) -> str | None:
         """The option that needs Ray Train's worker processes, if any: several workers, restarts
