@@ -35,6 +35,8 @@ def inputs(batch: int, queries: int, keys: int, head: int) -> list[torch.Tensor]
 
 def forward_backward(attention, tensors: list[torch.Tensor]):
     def run():
+        for tensor in tensors:  # no gradient accumulation in the time
+            tensor.grad = None
         out = attention(*tensors)
         out.backward(torch.ones_like(out))
     return run

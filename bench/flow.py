@@ -92,8 +92,10 @@ def main(model_dir: str, anchor_dir: str, out_dir: str) -> None:
         str(subject), "--instance_prompt", "a photo of unqtkn dog", "--class_images_dir", str(work / "run/images-reg"),
         "--class_prompt", "a photo of a dog", "--max_train_steps", str(steps)], out)
     rate = steady_steps_per_s(train["log"])
+    metrics = work / "tuned-100" / "metrics.json"  # phases, throughput and peak GPU memory
     report["train_100"] = {"wall_s": train["wall_s"], "exit": train["exit"], "steps_per_s": rate,
-                           "fixed_cost_s": round(train["wall_s"] - steps / rate, 1), "timeline": timeline(train["log"])}
+                           "fixed_cost_s": round(train["wall_s"] - steps / rate, 1), "timeline": timeline(train["log"]),
+                           "metrics": json.loads(metrics.read_text()) if metrics.is_file() else None}
     save()
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "timeline"} if isinstance(v, dict) else v
                       for k, v in report.items()}, indent=1))

@@ -181,6 +181,7 @@ def main(model_dir: str, pairs: int, *flags: str) -> None:
             mean, std = latent_distribution(models.vae, batch.pixels)
         batch = Batch(None, batch.prompt_ids, torch.cat([mean, batch.latent_mean]), torch.cat([std, batch.latent_std]))
     steps = next((int(flag.split("=")[1]) for flag in flags if flag.startswith("--steps=")), 10)
+
     def eager(b):
         with training_attention(cudnn):
             return train_step(models, optimizer, precision, b, 1.0, 1.0)

@@ -156,7 +156,8 @@ class TrainingSet:
         with torch.no_grad():
             for start in range(0, len(new), chunk):
                 mean, std = latent_distribution(self.vae, self.crop_pixels(new[start:start + chunk]))
-                self.crop_latents.update(zip(new[start:start + chunk], zip(mean, std)))
+                # A copy: with an fp32 VAE the mean is a view of its whole output, logvar included.
+                self.crop_latents.update(zip(new[start:start + chunk], zip(mean.clone(), std)))
         means, stds = zip(*(self.crop_latents[crop] for crop in crops))
         return torch.stack(means), torch.stack(stds)
 
