@@ -50,6 +50,11 @@ def timeline(log: str) -> list[tuple[float, str]]:
     return [(float(t), message) for t, message in re.findall(r"\[raybooth +([0-9.]+)s\] (.*)", log)]
 
 
+def phase_times(lines: list[tuple[float, str]], marks: dict[str, str]) -> dict[str, float | None]:
+    """Seconds of the first log line holding each mark's text (None where none does)."""
+    return {name: next((t for t, message in lines if text in message), None) for name, text in marks.items()}
+
+
 def steady_steps_per_s(log: str) -> float:
     rates = [float(r) for r in re.findall(r" ([0-9.]+) steps/s", log)]
     return sorted(rates[2:])[len(rates[2:]) // 2] if len(rates) > 3 else rates[-1]  # the median past the start

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from flow import photos, run, steady_steps_per_s, timeline
+from flow import phase_times, photos, run, steady_steps_per_s, timeline
 
 WORK = Path("/tmp/raybooth-startup")
 
@@ -76,8 +76,7 @@ def main(model_dir: str, out_dir: str, *flags: str) -> None:
     (out / "startup.json").write_text(json.dumps(report, indent=1))
     marks = {"Ray up": "started Ray", "planned": "fine-tuning", "loop starts": "up; loading", "model loaded":
              "model loaded", "first step": "first step done", "saved": "saved", "last line": "wrote the fine-tuned"}
-    times = {name: next((t for t, message in report["train_100"]["timeline"] if text in message), None)
-             for name, text in marks.items()}
+    times = phase_times(report["train_100"]["timeline"], marks)
     train = report["train_100"]
     print(json.dumps({"run": out.name, "flags": flags, "wall_s": train["wall_s"], "exit": train["exit"],
                       "fixed_cost_s": train["fixed_cost_s"], "steps_per_s": train["steps_per_s"], **times,

@@ -18,10 +18,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-# (name in the table, text of the log line that marks it): the phase timeline of `raybooth train`.
-TIMELINE = (("Ray up", "started Ray"), ("data ready", "read "), ("workers up", "up; loading"),
-            ("model loaded", "model loaded"), ("first step", "first step done"), ("last step", "training done"),
-            ("saved", "saved"))
+from flow import phase_times
+
+# Name in the table: text of the log line that marks it. The phase timeline of `raybooth train`.
+TIMELINE = {"Ray up": "started Ray", "data ready": "read ", "workers up": "up; loading",
+            "model loaded": "model loaded", "first step": "first step done", "last step": "training done",
+            "saved": "saved"}
 BATCH = 32  # pairs for target 4: the largest batch measured that fits an H100 with room (36 fits too)
 
 
@@ -60,13 +62,13 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x"
 
 
-def target_rows(flow: dict, first: dict | None, big_step: dict | None, big_train: dict | None) -> list[tuple]:
+def target_rows(flow: dict, first_step: float | None, first: dict | None, big_step: dict | None,
+                big_train: dict | None) -> list[tuple]:
     """(target, raybooth, anchor, met) per target; a target whose figures are missing (a phase that
     failed, ran out of memory or of time) reads "not measured" and is not met."""
     anchor_step = flow["anchor-step"][0]
     anchor_images = max(row["img_s"] for row in flow["anchor-generate"])
     train = flow["train_100"]
-    first_step = next((t for t, line in train["timeline"] if "first step done" in line), None)
 
     def flow_time():
         return f"{flow['run']['wall_s']} s", "about 480 s (the issue)", flow["run"]["wall_s"] <= 160
@@ -109,8 +111,8 @@ def report(out: Path) -> str:
     flow_run = json.loads((out / "targets-flow.json").read_text())
     mfu_run = json.loads((out / "targets-mfu.json").read_text())
     train = flow_run["flow"]["train_100"]
-    rows = target_rows(flow_run["flow"], flow_run["first_image"], mfu_run["step"], mfu_run["train"])
-    marks = {name: next((t for t, line in train["timeline"] if text in line), None) for name, text in TIMELINE}
+    marks = phase_times(train["timeline"], TIMELINE)
+    rows = target_rows(flow_run["flow"], marks["first step"], flow_run["first_image"], mfu_run["step"], mfu_run["train"])
     peak = (mfu_run["step"] or {}).get("peak_tflops")
     lines = [f"## Issue 5's targets in one session, {flow_run['machine']['date']} (`bench/targets.py`)", "",
              "Flow phase: {gpu}, torch {torch}, diffusers {diffusers}, Ray {ray}; ".format(**flow_run["machine"])

@@ -47,7 +47,7 @@ def test_each_batch_has_one_shape_instance_rows_first_then_class_rows():
 
 
 def test_crops_are_random_and_differ_between_epochs():
-    gradient = np.repeat(np.arange(160, dtype=np.uint8)[None, :, None], 64, axis=0).repeat(3, axis=2)
+    gradient = ramps(1, 160)[0]  # a left-to-right ramp, 0 to 159
     images = training_set([gradient], [solid(9)], batch_size=1)
     lefts = {batch.pixels[0, 0, 0, 0].item() for _, _, batch in images.batches(num_epochs=20, max_steps=100)}
     assert len(lefts) > 5
@@ -125,7 +125,7 @@ def test_crops_are_encoded_in_the_step_without_cached_class_latents_or_past_the_
 
 
 def options_set(**options) -> TrainingSet:
-    gradient = np.repeat(np.arange(160, dtype=np.uint8)[None, :, None], 64, axis=0).repeat(3, axis=2)
+    gradient = ramps(1, 160)[0]  # a left-to-right ramp, 0 to 159
     return TrainingSet([gradient], [solid(9)], 64, [(0, 0)], 1, np.array([1]), np.array([2]), CPU, 0, **options)
 
 

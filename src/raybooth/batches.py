@@ -39,6 +39,15 @@ class Crop(NamedTuple):
     flipped: bool
 
 
+def encode(vae: torch.nn.Module, images: list[torch.Tensor], chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latent distributions (mean, std) of uint8 CHW images, `chunk` images a VAE call."""
+    with torch.no_grad():
+        parts = [latent_distribution(vae, normalize(torch.stack(images[start:start + chunk])))
+                 for start in range(0, len(images), chunk)]
+    means, stds = zip(*parts)
+    return torch.cat(means), torch.cat(stds)
+
+
 def pairing(instances: int, classes: int, pairs: int, rank: int, world_size: int) -> list[tuple[int, int]]:
     """(instance, class) indices of this worker's `pairs` pairs per epoch. Class images are its own
     share, each in turn; instance images are shared by all workers, which take them in turn too,
@@ -81,14 +90,7 @@ class TrainingSet:
         side = self.resolution
         if not all(image.shape[1:] == (side, side) for image in self.class_images):
             return False
-        means, stds = [], []
-        with torch.no_grad():
-            for start in range(0, len(self.class_images), chunk):
-                pixels = normalize(torch.stack(self.class_images[start:start + chunk]))
-                mean, std = latent_distribution(vae, pixels)
-                means.append(mean)
-                stds.append(std)
-        self.class_latents = (torch.cat(means), torch.cat(stds))
+        self.class_latents = encode(vae, self.class_images, chunk)
         self.class_images = []  # the latents replace them
         return True
 
@@ -147,17 +149,17 @@ class TrainingSet:
         top, left = self.corner(self.instance_images[index], self.center_crop)
         return Crop(index, top, left, bool(self.random_flip and self.rng.random() < 0.5))
 
-    def crop_pixels(self, crops: list[Crop]) -> torch.Tensor:
-        return normalize(torch.stack([self.cut(self.instance_images[crop.image], *crop[1:]) for crop in crops]))
+    def crop_images(self, crops: list[Crop]) -> list[torch.Tensor]:
+        return [self.cut(self.instance_images[crop.image], *crop[1:]) for crop in crops]
 
-    def latents_of(self, crops: list[Crop], chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    def crop_pixels(self, crops: list[Crop]) -> torch.Tensor:
+        return normalize(torch.stack(self.crop_images(crops)))
+
+    def latents_of(self, crops: list[Crop]) -> tuple[torch.Tensor, torch.Tensor]:
         """The remembered latent distributions of `crops`, encoding the ones drawn for the first time."""
         new = list(dict.fromkeys(crop for crop in crops if crop not in self.crop_latents))
-        with torch.no_grad():
-            for start in range(0, len(new), chunk):
-                mean, std = latent_distribution(self.vae, self.crop_pixels(new[start:start + chunk]))
-                # A copy: with an fp32 VAE the mean is a view of its whole output, logvar included.
-                self.crop_latents.update(zip(new[start:start + chunk], zip(mean.clone(), std)))
+        if new:  # rows of encode's own tensors, which hold nothing else (an fp32 VAE's mean is a view)
+            self.crop_latents.update(zip(new, zip(*encode(self.vae, self.crop_images(new)))))
         means, stds = zip(*(self.crop_latents[crop] for crop in crops))
         return torch.stack(means), torch.stack(stds)
 
