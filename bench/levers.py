@@ -96,7 +96,7 @@ def latents(model_dir: str) -> None:
     attention (the VAE's middle block attends) or channels_last."""
     from diffusers import AutoencoderKL
 
-    from raybooth.batches import normalize
+    from raybooth.crop_latents import normalize
 
     vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").to(DEVICE, torch.bfloat16)
     images = torch.randint(0, 256, (200, 3, 512, 512), dtype=torch.uint8, device=DEVICE)

@@ -46,6 +46,16 @@ def test_each_batch_has_one_shape_instance_rows_first_then_class_rows():
         assert batch.prompt_ids.tolist() == [[1, 2, 3]] * 2 + [[4, 5, 6]] * 2
 
 
+def test_drawing_a_step_ahead_takes_the_random_numbers_in_the_order_of_drawing_each_step_as_it_comes():
+    images = training_set([ramps(1, 160)[0]], [solid(9)], pairs=[(0, 0)] * 3, batch_size=1, seed=5)
+    lefts = [round((batch.pixels[0, 0, 0, 0].item() + 1) * 127.5) for _, _, batch in images.batches(3, 100)]
+    rng, expected = np.random.default_rng(5), []
+    for _ in range(3):  # each epoch: its order, then each pair's crop (one top for a 64-high photo, then a left)
+        rng.permutation(3)
+        expected += [(rng.integers(0, 1), rng.integers(0, 160 - 64 + 1))[1] for _ in range(3)]
+    assert lefts == expected
+
+
 def test_crops_are_random_and_differ_between_epochs():
     gradient = ramps(1, 160)[0]  # a left-to-right ramp, 0 to 159
     images = training_set([gradient], [solid(9)], batch_size=1)
@@ -101,9 +111,9 @@ def test_each_crop_is_encoded_once_and_gives_the_latents_that_encoding_it_each_s
         seen = set()
         for (_, _, known), (_, _, pixels) in zip(remembering.batches(60, 120), encoding.batches(60, 120)):
             assert known.pixels is None and known.latent_mean.shape == known.latent_std.shape == (4, 4, 16, 16)
-            new = set(remembering.crop_latents) - seen
+            new = set(remembering.crop_latents.kept) - seen
             seen |= new
-            assert sum(encoded) == len(seen)  # only the crops drawn for the first time were encoded
+            assert sum(encoded) == len(seen)  # only the crops drawn for the first time (or next) were encoded
             mean, std = latent_distribution(vae, pixels.pixels)
             encoded.pop()  # the reference's encoding
             torch.testing.assert_close(known.latent_mean, torch.cat([mean, pixels.latent_mean]), atol=1e-5, rtol=1e-4)

@@ -1,19 +1,21 @@
 """The worker's training examples, held in memory on its device: the subject's photos, randomly
 cropped afresh each step, and its share of the class images, whose VAE latent distributions are
 computed once when they are at the training resolution already (generated ones are). A photo
-has few distinct crops (one, when it is square), so each crop's latent distribution is kept the
-first time it is drawn, and the step runs no VAE at all. Batches have a fixed shape, so the step
-can run as a CUDA graph. Plain PyTorch; no Ray here."""
+has few distinct crops (one, when it is square), so each crop's latent distribution is kept once
+encoded (crop_latents.py), and the step runs no VAE at all. Batches have a fixed shape, so the
+step can run as a CUDA graph. Plain PyTorch; no Ray here."""
 
 from __future__ import annotations
 
 import math
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 
-from raybooth.training import Batch, latent_distribution
+from raybooth.crop_latents import (DRAWS_PER_CROP_TO_ENCODE_FIRST, MAX_REMEMBERED_BYTES, Crop, CropLatents,
+                                   bytes_per_crop, encode, normalize)
+from raybooth.training import Batch
 
 
 def to_device_image(image: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -21,31 +23,12 @@ def to_device_image(image: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous().to(device)  # a copy: Ray's are read-only
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 in [0, 255] to float32 in [-1, 1], the VAE's input range."""
-    return images.float() / 127.5 - 1.0
-
-
-# Latent distributions kept for at most this many bytes of a worker's device memory: 8,192 crops
-# at 512 px. Photos with more distinct crops than that are encoded in each step instead.
-MAX_REMEMBERED_BYTES = 2**30
-
-
-class Crop(NamedTuple):
-    """Which part of which photo a row shows: the key of its remembered latent distribution."""
-    image: int
-    top: int
-    left: int
-    flipped: bool
-
-
-def encode(vae: torch.nn.Module, images: list[torch.Tensor], chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """The latent distributions (mean, std) of uint8 CHW images, `chunk` images a VAE call."""
-    with torch.no_grad():
-        parts = [latent_distribution(vae, normalize(torch.stack(images[start:start + chunk])))
-                 for start in range(0, len(images), chunk)]
-    means, stds = zip(*parts)
-    return torch.cat(means), torch.cat(stds)
+class Draw(NamedTuple):
+    """A micro-batch's random choices: its instance crops, its class images, and where those are
+    cut when their latents are not cached (None when they are)."""
+    crops: list[Crop]
+    classes: list[int]
+    class_corners: list[tuple[int, int]] | None
 
 
 def pairing(instances: int, classes: int, pairs: int, rank: int, world_size: int) -> list[tuple[int, int]]:
@@ -69,8 +52,7 @@ class TrainingSet:
         self.instance_images = [to_device_image(image, device) for image in instance_images]
         self.class_images = [to_device_image(image, device) for image in class_images]
         self.class_latents: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.vae: torch.nn.Module | None = None  # set when the instance crops' latents are remembered
-        self.crop_latents: dict[Crop, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.crop_latents: CropLatents | None = None  # set when the instance crops' latents are remembered
         ids = np.concatenate([np.tile(instance_prompt_ids, (batch_size, 1)), np.tile(class_prompt_ids, (batch_size, 1))])
         self.prompt_ids = torch.from_numpy(ids).to(device)
         self.rng = np.random.default_rng(seed)  # crops and order: host-side, so no step waits on the GPU
@@ -100,39 +82,53 @@ class TrainingSet:
         shortfall = self.steps_per_epoch * self.pairs_per_step - len(order)
         return order + [self.pairs[i] for i in self.rng.integers(0, len(self.pairs), shortfall)]
 
-    def encode_ahead(self, vae: torch.nn.Module) -> list[str]:
-        """What can be encoded before the step (the class images now, the instance crops as they
-        are drawn), with a line for the log each."""
-        done = []
+    def encode_ahead(self, vae: torch.nn.Module, steps: int, say: Callable[[str], None]) -> None:
+        """Encode what can be before the step: the class images now, the instance crops as they
+        are drawn, or all of them now when a run of `steps` steps would draw each about twice."""
         if self.cache_class_latents(vae):
-            done.append("class images encoded once: they are at the training resolution")
-        if self.remember_crop_latents(vae):
-            done.append(f"each of the photos' {self.distinct_crops()} possible crops is encoded once, when first drawn")
-        return done
+            say("class images encoded once: they are at the training resolution")
+        if not self.remember_crop_latents(vae):
+            return
+        crops, draws = self.distinct_crops(), steps * self.pairs_per_step
+        if draws < DRAWS_PER_CROP_TO_ENCODE_FIRST * crops:
+            say(f"each of the photos' {crops} possible crops is encoded once, when first drawn")
+            return
+        say(f"encoding the photos' {crops} possible crops once, before the first step: "
+            f"the run draws each {draws / crops:.0f} times on average")
+        self.crop_latents.encode_new(self.all_crops())
 
     def remember_crop_latents(self, vae: torch.nn.Module, max_bytes: int = MAX_REMEMBERED_BYTES) -> bool:
         """From now on, encode each instance crop once, the first time a batch draws it, and keep
         its latent distribution: the crops are drawn as before, and each is encoded no more often
         than before. Only with the class latents cached (the rows stay instance rows first), and
         when every distinct crop's distribution fits in `max_bytes`. Returns whether it will."""
-        config = vae.config
-        side = self.resolution // 2 ** (len(config.block_out_channels) - 1)
-        bytes_per_crop = 2 * config.latent_channels * side * side * 4  # mean and std, fp32
-        if self.class_latents is None or self.distinct_crops() * bytes_per_crop > max_bytes:
+        if self.class_latents is None or self.distinct_crops() * bytes_per_crop(vae, self.resolution) > max_bytes:
             return False
-        self.vae = vae
+        self.crop_latents = CropLatents(vae, self.crop_images)
         return True
 
     @property
     def encodes_in_step(self) -> bool:
         """Whether the step encodes images (the photos' crops, and class crops when not cached)."""
-        return self.vae is None
+        return self.crop_latents is None
+
+    def corners(self, image: torch.Tensor) -> tuple[range, range]:
+        """The tops and lefts that the image's crops can have."""
+        if self.center_crop:
+            top, left = self.corner(image, center=True)
+            return range(top, top + 1), range(left, left + 1)
+        height, width = image.shape[1:]
+        return range(height - self.resolution + 1), range(width - self.resolution + 1)
 
     def distinct_crops(self) -> int:
         """How many different instance crops the random crops and flips can draw."""
-        per_image = [1 if self.center_crop else (h - self.resolution + 1) * (w - self.resolution + 1)
-                     for h, w in (image.shape[1:] for image in self.instance_images)]
+        per_image = [len(tops) * len(lefts) for tops, lefts in map(self.corners, self.instance_images)]
         return sum(per_image) * (2 if self.random_flip else 1)
+
+    def all_crops(self) -> list[Crop]:
+        flips = (False, True) if self.random_flip else (False,)
+        return [Crop(index, top, left, flipped) for index, image in enumerate(self.instance_images)
+                for tops, lefts in [self.corners(image)] for top in tops for left in lefts for flipped in flips]
 
     def corner(self, image: torch.Tensor, center: bool = False) -> tuple[int, int]:
         height, width = image.shape[1:]
@@ -155,40 +151,56 @@ class TrainingSet:
     def crop_pixels(self, crops: list[Crop]) -> torch.Tensor:
         return normalize(torch.stack(self.crop_images(crops)))
 
-    def latents_of(self, crops: list[Crop]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The remembered latent distributions of `crops`, encoding the ones drawn for the first time."""
-        new = list(dict.fromkeys(crop for crop in crops if crop not in self.crop_latents))
-        if new:  # rows of encode's own tensors, which hold nothing else (an fp32 VAE's mean is a view)
-            self.crop_latents.update(zip(new, zip(*encode(self.vae, self.crop_images(new)))))
-        means, stds = zip(*(self.crop_latents[crop] for crop in crops))
-        return torch.stack(means), torch.stack(stds)
-
-    def batch(self, pairs: list[tuple[int, int]]) -> Batch:
+    def draw(self, pairs: list[tuple[int, int]]) -> Draw:
+        """A micro-batch's random choices (the random numbers the batch takes, in their order)."""
         crops = [self.instance_crop(i) for i, _ in pairs]
         classes = [c for _, c in pairs]
+        corners = None if self.class_latents is not None else [
+            self.corner(self.class_images[c], self.center_crop) for c in classes]
+        return Draw(crops, classes, corners)
+
+    def batch(self, draw: Draw) -> Batch:
+        crops, classes = draw.crops, draw.classes
         if self.class_latents is not None:
             # Indexing with host ints, not a tensor: copying an index tensor in would wait on the GPU.
             mean, std = (torch.stack([latents[c] for c in classes]) for latents in self.class_latents)
-            if self.vae is None:
+            if self.crop_latents is None:
                 return Batch(self.crop_pixels(crops), self.prompt_ids, mean, std, self.prompt_embeds)
-            instance_mean, instance_std = self.latents_of(crops)
+            instance_mean, instance_std = self.crop_latents.of(crops)
             return Batch(None, self.prompt_ids, torch.cat([instance_mean, mean]), torch.cat([instance_std, std]),
                          self.prompt_embeds)
-        class_crops = [self.cut(self.class_images[c], *self.corner(self.class_images[c], self.center_crop))
-                       for c in classes]
+        class_crops = [self.cut(self.class_images[c], *corner) for c, corner in zip(classes, draw.class_corners)]
         pixels = torch.cat([self.crop_pixels(crops), normalize(torch.stack(class_crops))])
         return Batch(pixels, self.prompt_ids, prompt_embeds=self.prompt_embeds)
 
-    def step_batch(self, pairs: list[tuple[int, int]]) -> Batch | list[Batch]:
-        """One step's examples: a batch, or with accumulation its micro-batches."""
-        if self.accumulation == 1:
-            return self.batch(pairs)
-        return [self.batch(pairs[start:start + self.batch_size]) for start in range(0, len(pairs), self.batch_size)]
+    def step_draws(self, pairs: list[tuple[int, int]]) -> list[Draw]:
+        """One step's random choices: its micro-batches' (several with accumulation)."""
+        return [self.draw(pairs[start:start + self.batch_size]) for start in range(0, len(pairs), self.batch_size)]
+
+    def step_batch(self, draws: list[Draw]) -> Batch | list[Batch]:
+        batches = [self.batch(draw) for draw in draws]
+        return batches[0] if self.accumulation == 1 else batches
 
     def batches(self, num_epochs: int, max_steps: int, step: int = 0,
                 resume: dict | None = None) -> Iterator[tuple[int, int, Batch | list[Batch]]]:
         """(step, epoch, batch) until `num_epochs` pass or `max_steps` are taken. Steps count from 1;
-        after a checkpoint, `step` and `resume` (a `position()` taken then) continue where it was."""
+        after a checkpoint, `step` and `resume` (a `position()` taken then) continue where it was.
+        Each step's crops are drawn one step ahead, so that its new crops are encoded while the
+        step before runs (with `encode_stream`); the random numbers are drawn in the same order."""
+        drawn = self.draws(num_epochs, max_steps, step, resume)
+        upcoming = next(drawn, None)
+        while upcoming is not None:
+            step, epoch, draws, position = upcoming
+            batch = self.step_batch(draws)
+            upcoming = next(drawn, None)
+            if upcoming is not None and self.crop_latents is not None:
+                self.crop_latents.encode_new([crop for draw in upcoming[2] for crop in draw.crops])
+            self._position = position
+            yield step, epoch, batch
+
+    def draws(self, num_epochs: int, max_steps: int, step: int,
+              resume: dict | None) -> Iterator[tuple[int, int, list[Draw], dict]]:
+        """(step, epoch, the step's draws, the position after them), as `batches` describes."""
         first_epoch, order, index = 0, None, 0
         if resume:
             self.rng.bit_generator.state = resume["rng"]
@@ -197,9 +209,9 @@ class TrainingSet:
             order = order or self.epoch_order()
             while index < len(order) and step < max_steps:
                 step, start, index = step + 1, index, index + self.pairs_per_step
-                batch = self.step_batch(order[start:index])
-                self._position = {"rng": self.rng.bit_generator.state, "epoch": epoch, "order": order, "next": index}
-                yield step, epoch, batch
+                draws = self.step_draws(order[start:index])
+                yield step, epoch, draws, {"rng": self.rng.bit_generator.state, "epoch": epoch, "order": order,
+                                           "next": index}
             if step >= max_steps:
                 return
             order, index = None, 0

@@ -92,8 +92,7 @@ def train_worker(loop_config: dict) -> None:
                else ray.train.torch.get_devices())
     device, text_encoder_device = devices[0], devices[-1]
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     use_flash_attention(device)  # for the class images too, as `raybooth generate` makes them
     torch.manual_seed(cfg.seed + rank)  # each worker draws its own noise and timesteps
     precision = Precision(cfg.mixed_precision, device)
@@ -122,8 +121,7 @@ def train_worker(loop_config: dict) -> None:
         cfg.train_batch_size, tokenize(tokenizer, cfg.instance_prompt, cfg.tokenizer_max_length),
         tokenize(tokenizer, cfg.class_prompt, cfg.tokenizer_max_length), device, cfg.seed + rank,
         accumulation=cfg.gradient_accumulation_steps, center_crop=cfg.center_crop, random_flip=cfg.random_flip)
-    for done in training_set.encode_ahead(models.vae):
-        say(done)
+    training_set.encode_ahead(models.vae, plan.total_steps(cfg), say)
     make_samples(plan, rank, models, cfg, say, before_training=True)  # the pretrained model's
     if cfg.use_lora:  # after the class images and samples, which come from the base model
         lora.add_to_models(models, cfg)
@@ -139,6 +137,8 @@ def train_worker(loop_config: dict) -> None:
         train_bf16_weights(models, precision)
     graph = use_cuda_graph(cfg, precision, device, text_encoder_device, say)
     graph_stream = torch.cuda.Stream(device) if graph else None
+    if graph and training_set.crop_latents is not None:  # new crops encoded beside the step (crop_latents.py)
+        training_set.crop_latents.stream = torch.cuda.Stream(device)
     if world_size > 1:
         models = data_parallel(models, graph_stream, cfg.ddp_bucket_mb)
     optimization = build_optimization(models, cfg, plan.total_steps(cfg), world_size, lr_as_tensor=graph)
