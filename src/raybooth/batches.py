@@ -185,8 +185,8 @@ class TrainingSet:
                 resume: dict | None = None) -> Iterator[tuple[int, int, Batch | list[Batch]]]:
         """(step, epoch, batch) until `num_epochs` pass or `max_steps` are taken. Steps count from 1;
         after a checkpoint, `step` and `resume` (a `position()` taken then) continue where it was.
-        Each step's crops are drawn one step ahead, so that its new crops are encoded while the
-        step before runs (with `encode_stream`); the random numbers are drawn in the same order."""
+        Each step's crops are drawn one step ahead, so that its new crops can be encoded while the
+        step before runs (crop_latents.CropLatents.stream); the random numbers come in the same order."""
         drawn = self.draws(num_epochs, max_steps, step, resume)
         upcoming = next(drawn, None)
         while upcoming is not None:

@@ -1,9 +1,8 @@
 """The VAE latent distributions of the subject's photo crops, each encoded once and kept. A photo
 resized to the resolution on its shorter side has few distinct crops: one when it is square,
 (long side - resolution + 1) otherwise, twice that with random flips. `batches.py` draws the
-crops; this module encodes each the first time it is asked for, all of them before the first
-step where the run would draw each about twice anyway, and beside the step on a CUDA stream of
-its own where the step is a CUDA graph. Plain PyTorch; no Ray here."""
+crops; this module encodes each the first time it is asked for, or all of them before the first
+step where the run would draw each about twice anyway. Plain PyTorch; no Ray here."""
 
 from __future__ import annotations
 
@@ -58,8 +57,10 @@ class CropLatents:
     def __init__(self, vae: torch.nn.Module, cut: Callable[[list[Crop]], list[torch.Tensor]]):
         self.vae, self.cut = vae, cut
         self.kept: dict[Crop, tuple[torch.Tensor, torch.Tensor]] = {}
-        # Set where the step is a CUDA graph, whose memory is its own for good: encoding new crops
-        # beside it then adds no peak memory, and fills the GPU that a batch of one leaves idle.
+        # A CUDA stream to encode new crops on, beside a CUDA-graphed step (batches.py asks for the
+        # next step's crops one step ahead): the graph's memory is its own for good, so this adds no
+        # peak, and a batch of one leaves most of the GPU idle. Only bench/crop_encode.py sets it so
+        # far: the worker will once that benchmark has shown on a GPU that it helps.
         self.stream: torch.cuda.Stream | None = None
 
     def encode_new(self, crops: list[Crop]) -> None:

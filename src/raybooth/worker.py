@@ -137,8 +137,6 @@ def train_worker(loop_config: dict) -> None:
         train_bf16_weights(models, precision)
     graph = use_cuda_graph(cfg, precision, device, text_encoder_device, say)
     graph_stream = torch.cuda.Stream(device) if graph else None
-    if graph and training_set.crop_latents is not None:  # new crops encoded beside the step (crop_latents.py)
-        training_set.crop_latents.stream = torch.cuda.Stream(device)
     if world_size > 1:
         models = data_parallel(models, graph_stream, cfg.ddp_bucket_mb)
     optimization = build_optimization(models, cfg, plan.total_steps(cfg), world_size, lr_as_tensor=graph)
