@@ -3,7 +3,8 @@ and their section of bench/RESULTS.md. Two phases, each within one device call (
 one machine, then the report:
 
     python bench/targets.py flow MODEL ANCHORS OUT    # targets 1, 2, 3, 5: flow.py and first_image.py
-    python bench/targets.py mfu MODEL ANCHORS OUT     # target 4: the step alone, then raybooth train
+    python bench/targets.py mfu MODEL ANCHORS OUT     # target 4: the step alone, then raybooth train;
+                                                      # and crop_encode.py's ways of encoding new crops
     python bench/targets.py report OUT [RESULTS.md]   # the section from OUT's phases, printed (or put
                                                       # at the top of RESULTS.md)
 
@@ -55,7 +56,8 @@ def mfu_phase(model: str, out: Path) -> dict:
     step = json_lines(["bench/mfu.py", model, str(BATCH), *flags])
     train = json_lines(["bench/startup.py", model, str(out / "train"), "--train_batch_size", str(BATCH),
                         "--num_epochs", "1000", "--compile"])
-    return {"step": step[-1] if step else None, "train": train[-1] if train else None}
+    crops = json_lines(["bench/crop_encode.py", model])
+    return {"step": step[-1] if step else None, "train": train[-1] if train else None, "crop_encode": crops}
 
 
 def ratio(a: float, b: float) -> str:
@@ -122,6 +124,13 @@ def report(out: Path) -> str:
     lines += [f"| {name} | {ours} | {anchor} | {'yes' if met else '**no**'} |" for name, ours, anchor, met in rows]
     lines += ["", "`raybooth train`, 100 steps at 1+1 (seconds from the command's start): "
               + ", ".join(f"{name} {t}" for name, t in marks.items() if t is not None) + ".", ""]
+    rows = mfu_run.get("crop_encode") or []
+    if rows:
+        lines += ["`bench/crop_encode.py` (MFU phase): "
+                  + "; ".join(f"{row['what']} {row['ms_per_crop']} ms a crop" for row in rows if "ms_per_crop" in row)
+                  + "; the 1+1 step with the new crops encoded "
+                  + "; ".join(f"{row['variant']} {row['step_ms']} ms ({row['new_crops']} new, peak {row['peak_gib']} GiB)"
+                              for row in rows if "variant" in row) + ".", ""]
     return "\n".join(lines)
 
 
