@@ -23,6 +23,7 @@ import time
 import numpy as np
 import torch
 
+from mfu import timed
 from raybooth.batches import TrainingSet, pairing
 from raybooth.crop_latents import encode
 from raybooth.graphs import GraphedStep
@@ -34,16 +35,6 @@ DEVICE = torch.device("cuda")
 
 def emit(**row) -> None:
     print(json.dumps(row), flush=True)
-
-
-def gpu_ms(fn, repeats: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - started) / repeats * 1e3
 
 
 def main(model_dir: str, steps: int = 100) -> None:
@@ -67,7 +58,7 @@ def main(model_dir: str, steps: int = 100) -> None:
 
     crops = training_set()
     for count in (1, 16):
-        ms = gpu_ms(lambda: encode(models.vae, crops.crop_images(crops.all_crops()[:count])))
+        ms = timed(lambda: encode(models.vae, crops.crop_images(crops.all_crops()[:count])), repeats=10)
         emit(what=f"encode {count} crop(s)", ms=round(ms, 1), ms_per_crop=round(ms / count, 2))
 
     def eager(batch):

@@ -21,6 +21,26 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
+@pytest.fixture(scope="module")
+def vae(tiny_model_dir):
+    """The tiny model's VAE on the CPU, in fp32."""
+    import torch
+
+    from raybooth.models import load_for_training
+
+    cpu = torch.device("cpu")
+    return load_for_training(tiny_model_dir, cpu, cpu, torch.float32, False).vae
+
+
+@pytest.fixture
+def encodings(vae):
+    """The number of images in each of the VAE's encode calls, while the test runs."""
+    calls, original = [], vae.encode
+    vae.encode = lambda pixels: calls.append(len(pixels)) or original(pixels)
+    yield calls
+    vae.encode = original
+
+
 @pytest.fixture
 def model_copy(tiny_model_dir, tmp_path) -> Path:
     """A copy of the tiny model that a test may damage."""

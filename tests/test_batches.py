@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from raybooth.batches import TrainingSet, pairing
-from raybooth.models import load_for_training
 from raybooth.training import latent_distribution
 
 CPU = torch.device("cpu")
@@ -63,11 +62,6 @@ def test_crops_are_random_and_differ_between_epochs():
     assert len(lefts) > 5
 
 
-@pytest.fixture(scope="module")
-def vae(tiny_model_dir):
-    return load_for_training(tiny_model_dir, CPU, CPU, torch.float32, False).vae
-
-
 def test_class_latents_are_cached_when_class_images_are_at_the_resolution(vae):
     classes = [solid(40), solid(200)]
     images = training_set([solid(0, 64, 80)], classes, batch_size=2)
@@ -92,34 +86,31 @@ def ramps(count: int, width: int) -> list[np.ndarray]:
             for k in range(count)]
 
 
-def test_each_crop_is_encoded_once_and_gives_the_latents_that_encoding_it_each_step_gives(vae):
+def photo_set(pairs: int = 4, random_flip: bool = True) -> TrainingSet:
+    """Two ramps 68 wide at 64 px: 5 crops each, 20 with their mirror images."""
+    return TrainingSet(ramps(2, 68), [solid(40), solid(200)], 64, pairing(2, 2, pairs, 0, 1), 2,
+                       np.array([1]), np.array([2]), CPU, seed=3, random_flip=random_flip)
+
+
+def test_each_crop_is_encoded_once_and_gives_the_latents_that_encoding_it_each_step_gives(vae, encodings):
     """Remembered crops: the same crops drawn in the same order as a set that encodes them in each
     step; each distinct crop encoded once, the first time it is drawn; then no encoding at all."""
-    def crop_set():
-        images = TrainingSet(ramps(2, 68), [solid(40), solid(200)], 64, pairing(2, 2, 4, 0, 1), 2,
-                             np.array([1]), np.array([2]), CPU, seed=3, random_flip=True)
-        images.cache_class_latents(vae)
-        return images
-
-    remembering, encoding = crop_set(), crop_set()
+    remembering, encoding = photo_set(), photo_set()
+    remembering.cache_class_latents(vae)
+    encoding.cache_class_latents(vae)
     assert remembering.remember_crop_latents(vae) and remembering.distinct_crops() == 2 * 5 * 2
     assert not remembering.encodes_in_step and encoding.encodes_in_step
-    encoded = []
-    original_encode = vae.encode
-    vae.encode = lambda pixels: encoded.append(len(pixels)) or original_encode(pixels)
-    try:
-        seen = set()
-        for (_, _, known), (_, _, pixels) in zip(remembering.batches(60, 120), encoding.batches(60, 120)):
-            assert known.pixels is None and known.latent_mean.shape == known.latent_std.shape == (4, 4, 16, 16)
-            new = set(remembering.crop_latents.kept) - seen
-            seen |= new
-            assert sum(encoded) == len(seen)  # only the crops drawn for the first time (or next) were encoded
-            mean, std = latent_distribution(vae, pixels.pixels)
-            encoded.pop()  # the reference's encoding
-            torch.testing.assert_close(known.latent_mean, torch.cat([mean, pixels.latent_mean]), atol=1e-5, rtol=1e-4)
-            torch.testing.assert_close(known.latent_std, torch.cat([std, pixels.latent_std]), atol=1e-5, rtol=1e-4)
-    finally:
-        vae.encode = original_encode
+    encodings.clear()  # the class images'
+    seen = set()
+    for (_, _, known), (_, _, pixels) in zip(remembering.batches(60, 120), encoding.batches(60, 120)):
+        assert known.pixels is None and known.latent_mean.shape == known.latent_std.shape == (4, 4, 16, 16)
+        new = set(remembering.crop_latents.kept) - seen
+        seen |= new
+        assert sum(encodings) == len(seen)  # only the crops drawn for the first time (or next) were encoded
+        mean, std = latent_distribution(vae, pixels.pixels)
+        encodings.pop()  # the reference's encoding
+        torch.testing.assert_close(known.latent_mean, torch.cat([mean, pixels.latent_mean]), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(known.latent_std, torch.cat([std, pixels.latent_std]), atol=1e-5, rtol=1e-4)
     assert len(seen) == 20  # 120 steps drew every crop, each encoded once
 
 

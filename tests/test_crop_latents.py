@@ -1,28 +1,8 @@
-import numpy as np
-import pytest
 import torch
 
-from raybooth.batches import TrainingSet, pairing
 from raybooth.crop_latents import Crop, CropLatents, normalize
-from raybooth.models import load_for_training
 from raybooth.training import latent_distribution
-from tests.test_batches import ramps, solid
-
-CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def vae(tiny_model_dir):
-    return load_for_training(tiny_model_dir, CPU, CPU, torch.float32, False).vae
-
-
-@pytest.fixture
-def encodings(vae):
-    """The number of images in each of the VAE's encode calls, while the test runs."""
-    calls, original = [], vae.encode
-    vae.encode = lambda pixels: calls.append(len(pixels)) or original(pixels)
-    yield calls
-    vae.encode = original
+from tests.test_batches import photo_set, ramps
 
 
 def test_each_crop_is_encoded_once_and_given_back_in_the_order_asked(vae, encodings):
@@ -36,12 +16,6 @@ def test_each_crop_is_encoded_once_and_given_back_in_the_order_asked(vae, encodi
     expected_mean, expected_std = latent_distribution(vae, normalize(torch.stack([photo[:, :, 5:69], photo[:, :, 1:65]])))
     torch.testing.assert_close(mean, expected_mean[[0, 1, 0]], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(std, expected_std[[0, 1, 0]], atol=1e-5, rtol=1e-4)
-
-
-def photo_set(pairs: int = 4, random_flip: bool = True) -> TrainingSet:
-    """Two ramps 68 wide at 64 px: 5 crops each, 20 with their mirror images."""
-    return TrainingSet(ramps(2, 68), [solid(40), solid(200)], 64, pairing(2, 2, pairs, 0, 1), 2,
-                       np.array([1]), np.array([2]), CPU, seed=3, random_flip=random_flip)
 
 
 def test_a_run_that_draws_each_crop_twice_encodes_them_all_before_its_first_step(vae, encodings):
