@@ -3,12 +3,13 @@ and their section of bench/RESULTS.md. Two phases, each within one device call (
 one machine, then the report:
 
     python bench/targets.py flow MODEL ANCHORS OUT    # targets 1, 2, 3, 5: flow.py and first_image.py
-    python bench/targets.py mfu MODEL ANCHORS OUT     # target 4: the step alone, then raybooth train;
-                                                      # and crop_encode.py's ways of encoding new crops
+    python bench/targets.py mfu MODEL ANCHORS OUT     # crop_encode.py's ways of encoding new crops,
+                                                      # then target 4: the step alone, raybooth train
     python bench/targets.py report OUT [RESULTS.md]   # the section from OUT's phases, printed (or put
                                                       # at the top of RESULTS.md)
 
-Each phase writes OUT/targets-PHASE.json with the machine, the versions and the date.
+Each phase writes OUT/targets-PHASE.json with the machine, the versions and the date, after each of
+its parts, so that a phase cut short by the device's time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 from flow import phase_times
 
@@ -43,21 +45,30 @@ def json_lines(command: list[str]) -> list[dict]:
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
-def flow_phase(model: str, anchors: str, out: Path) -> dict:
+def flow_phase(model: str, anchors: str, out: Path, save: Callable[[dict], None]) -> None:
+    result: dict = {}
     subprocess.run([sys.executable, "bench/flow.py", model, anchors, str(out / "flow")], check=True)
-    flow = json.loads((out / "flow" / "flow.json").read_text())
+    result["flow"] = json.loads((out / "flow" / "flow.json").read_text())
+    save(result)
     first = json_lines(["bench/first_image.py", model, str(out / "first-image")])
-    return {"flow": flow, "first_image": first[-1] if first else None}
+    result["first_image"] = first[-1] if first else None
+    save(result)
 
 
-def mfu_phase(model: str, out: Path) -> dict:
+def mfu_phase(model: str, out: Path, save: Callable[[dict], None]) -> None:
+    """crop_encode.py first: it is short, and it decides whether the flow phase's 1+1 step encodes its
+    new crops beside the step (so a next session can run this phase first and the flow phase after)."""
+    result: dict = {"crop_encode": json_lines(["bench/crop_encode.py", model])}
+    save(result)
     flags = ["--contiguous", "--bf16-weights", "--compile", "--eager", "--known-latents", "--cudnn-attention",
              "--steps=30"]
     step = json_lines(["bench/mfu.py", model, str(BATCH), *flags])
+    result["step"] = step[-1] if step else None
+    save(result)
     train = json_lines(["bench/startup.py", model, str(out / "train"), "--train_batch_size", str(BATCH),
                         "--num_epochs", "1000", "--compile"])
-    crops = json_lines(["bench/crop_encode.py", model])
-    return {"step": step[-1] if step else None, "train": train[-1] if train else None, "crop_encode": crops}
+    result["train"] = train[-1] if train else None
+    save(result)
 
 
 def ratio(a: float, b: float) -> str:
@@ -114,12 +125,14 @@ def report(out: Path) -> str:
     mfu_run = json.loads((out / "targets-mfu.json").read_text())
     train = flow_run["flow"]["train_100"]
     marks = phase_times(train["timeline"], TIMELINE)
-    rows = target_rows(flow_run["flow"], marks["first step"], flow_run["first_image"], mfu_run["step"], mfu_run["train"])
-    peak = (mfu_run["step"] or {}).get("peak_tflops")
+    rows = target_rows(flow_run["flow"], marks["first step"], flow_run.get("first_image"), mfu_run.get("step"),
+                       mfu_run.get("train"))
+    peak = (mfu_run.get("step") or {}).get("peak_tflops")
     lines = [f"## Issue 5's targets in one session, {flow_run['machine']['date']} (`bench/targets.py`)", "",
              "Flow phase: {gpu}, torch {torch}, diffusers {diffusers}, Ray {ray}; ".format(**flow_run["machine"])
-             + "MFU phase: {gpu}, {date}; the MFU against a bf16 matmul peak of ".format(**mfu_run["machine"])
-             + f"{peak} TFLOP/s measured in that phase.", "",
+             + "MFU phase: {gpu}, {date}; ".format(**mfu_run["machine"])
+             + (f"the MFU against a bf16 matmul peak of {peak} TFLOP/s measured in that phase." if peak
+                else "its step alone was not measured."), "",
              "| target | raybooth | anchor | met? |", "|---|---|---|---|"]
     lines += [f"| {name} | {ours} | {anchor} | {'yes' if met else '**no**'} |" for name, ours, anchor, met in rows]
     lines += ["", "`raybooth train`, 100 steps at 1+1 (seconds from the command's start): "
@@ -146,8 +159,15 @@ def main(phase: str, *args: str) -> None:
         return
     model, anchors, out = args
     Path(out).mkdir(parents=True, exist_ok=True)
-    result = flow_phase(model, anchors, Path(out)) if phase == "flow" else mfu_phase(model, Path(out))
-    (Path(out) / f"targets-{phase}.json").write_text(json.dumps({"machine": machine(), **result}, indent=1))
+    written = Path(out) / f"targets-{phase}.json"
+
+    def save(result: dict) -> None:  # after each part, so that a phase cut short by the device's limit keeps the rest
+        written.write_text(json.dumps({"machine": machine(), **result}, indent=1))
+
+    if phase == "flow":
+        flow_phase(model, anchors, Path(out), save)
+    else:
+        mfu_phase(model, Path(out), save)
 
 
 if __name__ == "__main__":
