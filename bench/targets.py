@@ -31,11 +31,14 @@ BATCH = 32  # pairs for target 4: the largest batch measured that fits an H100 w
 
 
 def machine() -> dict:
+    """Without touching CUDA: this process must hold no GPU context while the benches it starts run."""
     import diffusers
     import ray
     import torch
 
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                         text=True, check=True).stdout.splitlines()[0]
+    return {"gpu": gpu, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "ray": ray.__version__, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
@@ -159,10 +162,10 @@ def main(phase: str, *args: str) -> None:
         return
     model, anchors, out = args
     Path(out).mkdir(parents=True, exist_ok=True)
-    written = Path(out) / f"targets-{phase}.json"
+    written, stamp = Path(out) / f"targets-{phase}.json", machine()  # dated at the phase's start
 
     def save(result: dict) -> None:  # after each part, so that a phase cut short by the device's limit keeps the rest
-        written.write_text(json.dumps({"machine": machine(), **result}, indent=1))
+        written.write_text(json.dumps({"machine": stamp, **result}, indent=1))
 
     if phase == "flow":
         flow_phase(model, anchors, Path(out), save)
