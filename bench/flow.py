@@ -21,6 +21,12 @@ from PIL import Image
 
 from raybooth.tiny import write_demo_subject
 
+# The anchor's diffusers-style step as its script runs it, then that step's peak GPU memory to the
+# byte: the script rounds it to 0.1 GiB, too coarse beside target 3's 15.6 GiB (its run() resets the
+# peak before the step, and this is its only row).
+ANCHOR_STEP_EXACT_PEAK = ("import json, runpy, sys, torch; sys.argv = [sys.argv[1], 'diffusers-style']; "
+                          "runpy.run_path(sys.argv[0], run_name='__main__'); "
+                          "print(json.dumps({'exact_peak_gib': torch.cuda.max_memory_allocated() / 2**30}))")
 SAMPLE_PROMPTS = [f"a photo of unqtkn dog {scene}".strip() for scene in
                   ("", "on the beach", "in the snow", "at night", "in a city")]  # 4 samples each: the seed's 20
 
@@ -71,7 +77,7 @@ def main(model_dir: str, anchor_dir: str, out_dir: str) -> None:
         (out / "flow.json").write_text(json.dumps(report, indent=1))
 
     anchor_env = dict(os.environ, PYTHONPATH=f"{anchor_dir}:{os.environ.get('PYTHONPATH', '')}")
-    for name, command in (("anchor-step", [f"{anchor_dir}/anchor_step.py", "diffusers-style"]),
+    for name, command in (("anchor-step", ["-c", ANCHOR_STEP_EXACT_PEAK, f"{anchor_dir}/anchor_step.py"]),
                           ("anchor-generate", [f"{anchor_dir}/anchor_generate.py"])):
         run(name, [sys.executable, *command], out, anchor_env)
         report[name] = [json.loads(line) for line in (out / f"{name}.log").read_text().splitlines()

@@ -44,7 +44,7 @@ from raybooth.sampling import WorkerSamples
 from raybooth.stepping import make_step, use_cuda_graph
 from raybooth.training import Precision
 from raybooth.watch.monitor import RunWatch
-from raybooth.worker_images import make_images_on_worker
+from raybooth.worker_images import make_images_on_worker, park_vae_decoder
 
 OUTPUT_TOKEN = ".raybooth-output"  # in the output's partial folder: rank 0 writes there if it sees it
 
@@ -123,6 +123,7 @@ def train_worker(loop_config: dict) -> None:
         accumulation=cfg.gradient_accumulation_steps, center_crop=cfg.center_crop, random_flip=cfg.random_flip)
     training_set.encode_ahead(models.vae, plan.total_steps(cfg), say)
     make_samples(plan, rank, models, cfg, say, before_training=True)  # the pretrained model's
+    park_vae_decoder(models)  # on a GPU, in host memory: steps only encode; images made later bring it back
     if cfg.use_lora:  # after the class images and samples, which come from the base model
         lora.add_to_models(models, cfg)
     if cfg.gradient_checkpointing:
@@ -137,6 +138,8 @@ def train_worker(loop_config: dict) -> None:
         train_bf16_weights(models, precision)
     graph = use_cuda_graph(cfg, precision, device, text_encoder_device, say)
     graph_stream = torch.cuda.Stream(device) if graph else None
+    if graph and training_set.crop_latents is not None:  # new crops encoded beside the graphed step
+        training_set.crop_latents.stream = torch.cuda.Stream(device)
     if world_size > 1:
         models = data_parallel(models, graph_stream, cfg.ddp_bucket_mb)
     optimization = build_optimization(models, cfg, plan.total_steps(cfg), world_size, lr_as_tensor=graph)

@@ -6,8 +6,9 @@ image either way."""
 from __future__ import annotations
 
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -48,6 +49,36 @@ def pipeline_from_models(models, model_dir: Path, sampler: str, safety_checker: 
     pipeline.set_progress_bar_config(disable=True)
     use_sampler(pipeline, sampler)
     return pipeline
+
+
+def park_vae_decoder(models) -> None:
+    """From now on, keep the VAE's decoder in host memory where the models are on a GPU: training
+    steps only encode, and the decoder (49.5 M of the SD VAE's 83.7 M weights, 94 MiB in bf16) is
+    room that the step at batch 1 needs to stay within the diffusers script's peak
+    (bench/RESULTS.md). Images made on the worker bring it back while they are made."""
+    if models.device.type == "cuda":
+        _move_decoder(models.vae, "cpu")
+
+
+@contextmanager
+def decoder_on_device(models) -> Iterator[None]:
+    """The VAE whole on its device for the block (a pipeline decodes with it), parked again after
+    where it was parked."""
+    vae = models.vae
+    parked = next(vae.decoder.parameters()).device != vae.device  # the encoder's device
+    if parked:
+        _move_decoder(vae, vae.device)
+    try:
+        yield
+    finally:
+        if parked:
+            _move_decoder(vae, "cpu")
+
+
+def _move_decoder(vae, device) -> None:
+    for part in (vae.decoder, vae.post_quant_conv):  # what decode() uses; post_quant_conv may be None
+        if part is not None:
+            part.to(device)
 
 
 def write_pngs(folder: str, files: list[str], images: list[np.ndarray]) -> None:
@@ -101,16 +132,17 @@ def make_images_on_worker(models, model_dir: Path, rows: list[dict], folder: Pat
     `bar`, a progress bar in the driver's terminal."""
     if not rows:
         return []
-    import torch
-
     write = ray_png_writes()
-    pipeline = pipeline_from_models(models, model_dir, cfg.sampler, safety_checker)
     batch_size = cfg.sample_batch_size or default_batch_size(models.device.type == "cuda")
     settings = pipeline_settings(inference_steps(cfg.sampler, cfg.num_inference_steps), cfg.guidance_scale, resolution)
     progress = ImageProgress(len(rows), what, say, bar)
-    images = render_and_write(pipeline, rows, folder, batch_size, settings, progress, write)
+    with decoder_on_device(models):
+        pipeline = pipeline_from_models(models, model_dir, cfg.sampler, safety_checker)
+        images = render_and_write(pipeline, rows, folder, batch_size, settings, progress, write)
+        del pipeline
     progress.close()
-    del pipeline
     if models.device.type == "cuda":
+        import torch  # here, not above: the PNG writers' processes import this module
+
         torch.cuda.empty_cache()
     return images

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from raybooth.generate import default_batch_size, image_seed, pipeline_settings, render
-from raybooth.worker_images import pipeline_from_models
+from raybooth.worker_images import decoder_on_device, pipeline_from_models
 
 
 def sample_validation_images(models, model_dir: Path, cfg, resolution: int) -> list[np.ndarray]:
@@ -22,7 +22,7 @@ def sample_validation_images(models, model_dir: Path, cfg, resolution: int) -> l
     device = models.device
     batch_size = cfg.sample_batch_size or default_batch_size(device.type == "cuda")
     settings = pipeline_settings(cfg.validation_inference_steps, cfg.guidance_scale, resolution)
-    with torch.no_grad():
+    with torch.no_grad(), decoder_on_device(models):
         pipeline = pipeline_from_models(models, model_dir, cfg.sampler)
         images = [image for start in range(0, len(rows), batch_size)
                   for image in render(pipeline, rows[start:start + batch_size], device.type, settings)]
