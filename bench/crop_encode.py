@@ -4,8 +4,8 @@ one row per way of encoding the new crops, in one process on one GPU, as `rayboo
 default there (UNet channels-last, fp32 weights under bf16 autocast, CUDA graph, flash attention):
 
 - "in the step's stream": each new crop encoded just before its step, after the step before;
-- "beside the step": on a stream of its own while the step before runs (CropLatents.stream; the
-  worker sets it once this row has shown that it helps);
+- "beside the step": on a stream of its own while the step before runs (CropLatents.stream, which
+  the worker sets since run BB showed it faster);
 - "all before the first step": every crop encoded first, 16 at a time (the default where a run
   draws each crop twice); its steps show the step with no crop to encode.
 
