@@ -53,9 +53,9 @@ def pipeline_from_models(models, model_dir: Path, sampler: str, safety_checker: 
 
 def park_vae_decoder(models) -> None:
     """From now on, keep the VAE's decoder in host memory where the models are on a GPU: training
-    steps only encode, and the decoder (49.5 M of the SD VAE's 83.7 M weights, 94 MiB in bf16) is
-    room that the step at batch 1 needs to stay within the diffusers script's peak
-    (bench/RESULTS.md). Images made on the worker bring it back while they are made."""
+    steps only encode, and the decoder is 49.5 M of the SD VAE's 83.7 M weights, 94 MiB in bf16
+    (run BB's step at batch 1 peaked 0.03 GiB above the diffusers script's: bench/RESULTS.md).
+    Images made on the worker bring it back while they are made."""
     if models.device.type == "cuda":
         _move_decoder(models.vae, "cpu")
 
