@@ -65,14 +65,15 @@ def decoder_on_device(models) -> Iterator[None]:
     """The VAE whole on its device for the block (a pipeline decodes with it), parked again after
     where it was parked."""
     vae = models.vae
-    parked = next(vae.decoder.parameters()).device != vae.device  # the encoder's device
+    parked_on = next(vae.decoder.parameters()).device
+    parked = parked_on != vae.device  # the encoder's device
     if parked:
         _move_decoder(vae, vae.device)
     try:
         yield
     finally:
         if parked:
-            _move_decoder(vae, "cpu")
+            _move_decoder(vae, parked_on)
 
 
 def _move_decoder(vae, device) -> None:
