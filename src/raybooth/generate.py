@@ -110,7 +110,7 @@ def load_pipeline(model_dir: str | Path, device: str, dtype: str, sampler: str, 
 
     without_checker = {} if safety_checker else dict(safety_checker=None, requires_safety_checker=False)
     # Built in host memory, then moved: reading each weight straight onto the GPU (device_map)
-    # loaded no faster (bench/RESULTS.md, runs AH and BC).
+    # loaded no faster (bench/RESULTS.md, runs AH and BD).
     pipeline = StableDiffusionPipeline.from_pretrained(model_dir, **without_checker).to(
         device, inference_dtype(dtype, device))
     if lora_weights:
