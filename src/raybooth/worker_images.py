@@ -54,7 +54,8 @@ def pipeline_from_models(models, model_dir: Path, sampler: str, safety_checker: 
 def park_vae_decoder(models) -> None:
     """From now on, keep the VAE's decoder in host memory where the models are on a GPU: training
     steps only encode, and the decoder is 49.5 M of the SD VAE's 83.7 M weights, 94 MiB in bf16
-    (run BB's step at batch 1 peaked 0.03 GiB above the diffusers script's: bench/RESULTS.md).
+    (the 1+1 run's peak fell from 15.63 to 15.54 GiB, under the diffusers script's 15.585: runs BB
+    and BC in bench/RESULTS.md).
     Images made on the worker bring it back while they are made."""
     if models.device.type == "cuda":
         _move_decoder(models.vae, "cpu")
