@@ -40,10 +40,10 @@ def main(model_dir: str, out_dir: str, *flags: str) -> None:
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    patches = {"--cudnn-attention": "import raybooth.models as m; m.use_flash_attention = lambda device: None"}
+    patches = {"--cudnn-attention": "import raybooth.models.folders as m; m.use_flash_attention = lambda device: None"}
     chosen = [patches[flag] for flag in flags if flag in patches]
     flags = tuple(flag for flag in flags if flag not in patches)
-    command = [sys.executable, "-c", "; ".join(["import sys", *chosen, "from raybooth.cli import run", "run()"])]
+    command = [sys.executable, "-c", "; ".join(["import sys", *chosen, "from raybooth.commands.cli import run", "run()"])]
     result = subprocess.run(command + ["generate", "--model_dir", model_dir, "--output_dir", str(images), "--prompts",
                                        "a photo of a dog", "--num_samples_per_prompt", "200", *flags],
                             capture_output=True, text=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from raybooth.tiny import write_demo_subject
+from raybooth.models.tiny import write_demo_subject
 
 # The anchor's diffusers-style step as its script runs it, then that step's peak GPU memory to the
 # byte: the script rounds it to 0.1 GiB, too coarse beside target 3's 15.6 GiB (its run() resets the

@@ -17,13 +17,14 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import make_batch, seconds_per_step
 
-from levers import make_batch, seconds_per_step
-from raybooth.graphs import GraphedStep
-from raybooth.lora import add_adapters, save_adapters
-from raybooth.models import load_for_training, use_flash_attention
-from raybooth.optim import enable_gradient_checkpointing
-from raybooth.training import Precision, make_optimizer, train_step
+from raybooth.models.loading import load_for_training, use_flash_attention
+from raybooth.models.lora import add_adapters, save_adapters
+from raybooth.train.graphs import GraphedStep
+from raybooth.train.optim import enable_gradient_checkpointing, make_optimizer
+from raybooth.train.precision import Precision
+from raybooth.train.step import train_step
 
 DEVICE = torch.device("cuda")
 

@@ -31,13 +31,15 @@ import time
 from collections import defaultdict
 
 import torch
+from common import make_batch, matmul_peak
 
-from levers import make_batch, matmul_peak
-from raybooth.graphs import GraphedStep
-from raybooth.masters import train_bf16_weights
-from raybooth.models import load_for_training, use_flash_attention
-from raybooth.stepping import compiled_for_training, training_attention
-from raybooth.training import Batch, Precision, dreambooth_loss, latent_distribution, make_optimizer, train_step
+from raybooth.models.loading import load_for_training, use_flash_attention
+from raybooth.train.graphs import GraphedStep
+from raybooth.train.loss import Batch, dreambooth_loss, latent_distribution
+from raybooth.train.masters import train_bf16_weights
+from raybooth.train.optim import make_optimizer
+from raybooth.train.precision import Precision
+from raybooth.train.step import compiled_for_training, train_step, training_attention
 
 DEVICE = torch.device("cuda")
 # Kernel names to kinds, first match wins: the optimizer's multi-tensor kernels include the

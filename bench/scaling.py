@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from flow import SAMPLE_PROMPTS, photos, run, timeline
 
 os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")

@@ -14,8 +14,8 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from raybooth.models import write_model_dir
-from raybooth.tiny import SCHEDULER, build_tokenizer
+from raybooth.models.output import write_model_dir
+from raybooth.models.tiny import SCHEDULER, build_tokenizer
 
 
 def sd15_unet() -> UNet2DConditionModel:

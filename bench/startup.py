@@ -20,9 +20,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from flow import phase_times, photos, run, steady_steps_per_s, timeline
+from PIL import Image
 
 WORK = Path("/tmp/raybooth-startup")
 
@@ -40,7 +39,7 @@ def class_images(folder: Path, count: int = 200, side: int = 512) -> Path:
 
 def import_times(out: Path) -> list[str]:
     """The driver's slowest imports, cumulative microseconds."""
-    done = subprocess.run([sys.executable, "-X", "importtime", "-c", "import raybooth.cli, raybooth.trainer"],
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", "import raybooth.commands.cli, raybooth.driver.training"],
                           capture_output=True, text=True)
     rows = [line for line in done.stderr.splitlines() if line.startswith("import time:") and "|" in line]
     rows = [row for row in rows if row.split("|")[1].strip().isdigit()]

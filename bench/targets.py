@@ -63,7 +63,7 @@ def mfu_phase(model: str, out: Path, save: Callable[[dict], None], crop_encode: 
     """crop_encode.py first (unless told not to: its rows decided a lever once and need no rerun
     for the targets): it is short, and it shows whether the 1+1 step gains from encoding its new
     crops beside the step."""
-    result: dict = {"crop_encode": json_lines(["bench/crop_encode.py", model]) if crop_encode else []}
+    result: dict = {"crop_encode": json_lines(["bench/studies/crop_encode.py", model]) if crop_encode else []}
     save(result)
     flags = ["--contiguous", "--bf16-weights", "--compile", "--eager", "--known-latents", "--cudnn-attention",
              "--steps=30"]
@@ -146,7 +146,7 @@ def report(out: Path) -> str:
               + ", ".join(f"{name} {t}" for name, t in marks.items() if t is not None) + ".", ""]
     rows = mfu_run.get("crop_encode") or []
     if rows:
-        lines += ["`bench/crop_encode.py` (MFU phase): "
+        lines += ["`bench/studies/crop_encode.py` (MFU phase): "
                   + "; ".join(f"{row['what']} {row['ms_per_crop']} ms a crop" for row in rows if "ms_per_crop" in row)
                   + "; the 1+1 step with the new crops encoded "
                   + "; ".join(f"{row['variant']} {row['step_ms']} ms ({row['new_crops']} new, peak {row['peak_gib']} GiB)"

@@ -6,9 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 # The DreamBooth paper's photos, beside the project checkout where present (not copied in).
 REAL_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth"
@@ -16,7 +14,7 @@ REAL_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambo
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from raybooth.tiny import write_tiny_model
+    from raybooth.models.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
@@ -26,7 +24,7 @@ def vae(tiny_model_dir):
     """The tiny model's VAE on the CPU, in fp32."""
     import torch
 
-    from raybooth.models import load_for_training
+    from raybooth.models.loading import load_for_training
 
     cpu = torch.device("cpu")
     return load_for_training(tiny_model_dir, cpu, cpu, torch.float32, False).vae
@@ -53,7 +51,7 @@ def subject_dir(tmp_path_factory) -> Path:
     the built-in toy car set."""
     if (REAL_PHOTOS / "rc_car").is_dir():
         return REAL_PHOTOS / "rc_car"
-    from raybooth.tiny import write_demo_subject
+    from raybooth.models.tiny import write_demo_subject
 
     folder = tmp_path_factory.mktemp("subject")
     write_demo_subject(folder)
@@ -64,19 +62,9 @@ def subject_dir(tmp_path_factory) -> Path:
 def ray_cluster():
     import ray
 
-    from raybooth.cluster import connect
+    from raybooth.driver.cluster import connect
 
     connect()
     yield ray
     ray.shutdown()
 
-
-def write_solid_images(folder: Path, color: tuple[int, int, int], count: int, size=(80, 64)) -> list[Path]:
-    """`count` PNGs of one flat color, so a test can tell from pixels which set an image came from."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index in range(count):
-        path = folder / f"{index:03d}.png"
-        Image.fromarray(np.full((size[1], size[0], 3), color, dtype=np.uint8)).save(path)
-        paths.append(path)
-    return paths

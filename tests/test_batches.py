@@ -1,15 +1,12 @@
 import numpy as np
 import pytest
 import torch
+from helpers import photo_set, ramps, solid
 
-from raybooth.batches import TrainingSet, pairing
-from raybooth.training import latent_distribution
+from raybooth.train.batches import TrainingSet, pairing
+from raybooth.train.loss import latent_distribution
 
 CPU = torch.device("cpu")
-
-
-def solid(value: int, height: int = 64, width: int = 64) -> np.ndarray:
-    return np.full((height, width, 3), value, np.uint8)
 
 
 def training_set(instances, classes, pairs=None, batch_size=2, resolution=64, seed=0) -> TrainingSet:
@@ -78,18 +75,6 @@ def test_class_latents_are_cached_when_class_images_are_at_the_resolution(vae):
 def test_class_images_of_another_size_are_cropped_each_step_instead(vae):
     images = training_set([solid(0)], [solid(9, 64, 100)])
     assert not images.cache_class_latents(vae) and images.class_latents is None
-
-
-def ramps(count: int, width: int) -> list[np.ndarray]:
-    """Photos whose every crop differs: a left-to-right ramp, steeper in each photo."""
-    return [np.repeat((np.arange(width)[None, :, None] * (k + 1)).astype(np.uint8), 64, axis=0).repeat(3, axis=2)
-            for k in range(count)]
-
-
-def photo_set(pairs: int = 4, random_flip: bool = True) -> TrainingSet:
-    """Two ramps 68 wide at 64 px: 5 crops each, 20 with their mirror images."""
-    return TrainingSet(ramps(2, 68), [solid(40), solid(200)], 64, pairing(2, 2, pairs, 0, 1), 2,
-                       np.array([1]), np.array([2]), CPU, seed=3, random_flip=random_flip)
 
 
 def test_each_crop_is_encoded_once_and_gives_the_latents_that_encoding_it_each_step_gives(vae, encodings):

@@ -7,11 +7,11 @@ from types import SimpleNamespace
 import ray.train
 import torch
 
-from raybooth.checkpoint_writer import CheckpointWriter, fits_beside, write_to_storage
-from raybooth.checkpoint_folders import OPTIMIZER, STATE, TRAINED, checkpoint_name, complete_checkpoints, read_state
-from raybooth.checkpoints import restore, snapshot, snapshot_bytes
-from raybooth.models import load_for_training
-from raybooth.training import make_optimizer
+from raybooth.files.checkpoints import OPTIMIZER, STATE, TRAINED, checkpoint_name, complete_checkpoints, read_state
+from raybooth.models.loading import load_for_training
+from raybooth.train.checkpoint_writer import CheckpointWriter, fits_beside, write_to_storage
+from raybooth.train.checkpoints import restore, snapshot, snapshot_bytes
+from raybooth.train.optim import make_optimizer
 
 CPU = torch.device("cpu")
 

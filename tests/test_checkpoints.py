@@ -13,17 +13,16 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from raybooth.batches import TrainingSet, pairing
-from raybooth.checkpoint_folders import fingerprint, latest_checkpoint, read_state
-from raybooth.checkpoints import restore, write_checkpoint
-from raybooth.models import load_for_training
-from raybooth.training import make_optimizer
-
 from conftest import write_solid_images
+from safetensors.torch import load_file
 from test_trainer import train_args
 from test_training import fp32_models
+
+from raybooth.files.checkpoints import fingerprint, latest_checkpoint, read_state
+from raybooth.models.loading import load_for_training
+from raybooth.train.batches import TrainingSet, pairing
+from raybooth.train.checkpoints import restore, write_checkpoint
+from raybooth.train.optim import make_optimizer
 
 CPU = torch.device("cpu")
 
@@ -189,7 +188,7 @@ def test_a_killed_worker_is_restarted_from_the_latest_checkpoint(runs, tmp_path)
 
 
 def test_a_named_checkpoint_is_resumed_and_one_of_other_settings_is_refused(runs, tmp_path, capsys):
-    from raybooth.cli import main
+    from raybooth.commands.cli import main
 
     run, log = start(runs("tuned"), tmp_path, "first")
     wait_for(log, "checkpoint at step 6 written")
@@ -214,7 +213,7 @@ def test_a_named_checkpoint_is_resumed_and_one_of_other_settings_is_refused(runs
                                          ("--no_local_mode", "training failed on a worker: ")])
 def test_a_worker_failure_is_one_line_and_its_traceback_goes_to_a_log_file(model_copy, subject_dir, tmp_path,
                                                                            capsys, mode, told):
-    from raybooth.cli import main
+    from raybooth.commands.cli import main
 
     config = json.loads((model_copy / "unet" / "config.json").read_text())
     (model_copy / "unet" / "config.json").write_text(json.dumps(config | {"cross_attention_dim": "wide"}))

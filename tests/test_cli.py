@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from diffusers import StableDiffusionPipeline
 
-from raybooth.cli import build_parser, config_from_args, main, run_settings
+from raybooth.commands.cli import build_parser, config_from_args, main, run_settings
 from raybooth.config import RUN_DERIVED_TRAIN_FIELDS, GenerateConfig, TrainConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -62,7 +62,7 @@ def test_run_passes_on_only_the_training_flags_given():
 
 def test_the_console_script_is_installed_and_errors_are_one_line(tmp_path):
     entry_points = importlib.metadata.entry_points(group="console_scripts")
-    assert any(ep.name == "raybooth" and ep.value == "raybooth.cli:run" for ep in entry_points)
+    assert any(ep.name == "raybooth" and ep.value == "raybooth.commands.cli:run" for ep in entry_points)
     done = subprocess.run([sys.executable, "-m", "raybooth", "train", "--model_dir", str(tmp_path / "none"),
                            "--output_dir", str(tmp_path / "out"), "--instance_images_dir", str(tmp_path),
                            "--instance_prompt", "a photo of sks dog", "--class_images_dir", str(tmp_path / "c"),
@@ -75,7 +75,7 @@ def test_the_command_ends_as_pythons_own_exit_would_begin(tmp_path):
     # `run` skips the interpreter's teardown, not what comes before it: threads that are not
     # daemons finish, the exit hooks run (Ray's shutdown), the output is flushed, the code is kept.
     code = ("import atexit, pathlib, sys, threading, time\n"
-            "import raybooth.cli as cli\n"
+            "import raybooth.commands.cli as cli\n"
             f"folder = pathlib.Path({str(tmp_path)!r})\n"
             "def main():\n"
             "    threading.Thread(target=lambda: (time.sleep(0.5), (folder / 'thread').write_text('done'))).start()\n"

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from raybooth import cluster
+from raybooth.driver import cluster
 from raybooth.errors import RayboothError
 
 
@@ -85,7 +85,7 @@ def test_gpu_communication_settings_are_handed_to_the_workers(monkeypatch):
 def test_the_ray_a_command_started_is_gone_when_the_command_exits():
     # cluster.stop_local_ray replaces Ray's slower exit hook: it must still stop every process.
     code = ("import ray\n"
-            "from raybooth.cluster import connect\n"
+            "from raybooth.driver.cluster import connect\n"
             "connect()\n"
             "node = ray._private.worker._global_node\n"
             "print(' '.join(str(info.process.pid) for infos in node.all_processes.values() for info in infos))\n")
@@ -108,7 +108,7 @@ def test_a_local_rays_workers_get_its_address_and_the_nccl_settings_without_a_ru
     # A job-wide runtime_env would keep Ray from handing out its idle workers (each task would
     # start a process); the settings reach the workers through the environment they inherit.
     code = ("import json, os, ray\n"
-            "from raybooth.cluster import connect\n"
+            "from raybooth.driver.cluster import connect\n"
             "connect()\n"
             "@ray.remote(num_cpus=0)\n"
             "def seen():\n"

@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from raybooth.cli import build_parser, config_from_args, main, parse_arguments, run_settings
+from raybooth.commands.cli import build_parser, config_from_args, main, parse_arguments, run_settings
 from raybooth.config import TrainConfig
 from raybooth.errors import RayboothError
 

@@ -1,8 +1,8 @@
 import torch
+from helpers import photo_set, ramps
 
-from raybooth.crop_latents import Crop, CropLatents, normalize
-from raybooth.training import latent_distribution
-from tests.test_batches import photo_set, ramps
+from raybooth.train.crop_latents import Crop, CropLatents, normalize
+from raybooth.train.loss import latent_distribution
 
 
 def test_each_crop_is_encoded_once_and_given_back_in_the_order_asked(vae, encodings):

@@ -1,10 +1,11 @@
 import numpy as np
+from conftest import write_solid_images
 from PIL import Image
 
-from raybooth.data import image_dataset, load_image, read_all, read_images, resize_shorter_side, tokenize
-from raybooth.models import load_tokenizer
-
-from conftest import write_solid_images
+from raybooth.driver.datasets import image_dataset
+from raybooth.files.images import load_image, read_images, resize_shorter_side
+from raybooth.models.loading import load_tokenizer, tokenize
+from raybooth.train.data import read_all
 
 
 def test_shorter_side_is_resized_keeping_the_aspect_ratio():

@@ -9,10 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from raybooth.cli import main
-from raybooth.embeddings import (ClipJudge, DinoJudge, Preprocessing, distinct_pairs_distance, paper_metrics,
-                                 resolve_pretrained, text_for_clip)
+from raybooth.commands.cli import main
 from raybooth.errors import RayboothError
+from raybooth.evaluate.judges import (
+    ClipJudge,
+    DinoJudge,
+    Preprocessing,
+    distinct_pairs_distance,
+    paper_metrics,
+    resolve_pretrained,
+    text_for_clip,
+)
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +27,7 @@ def judges_dir(tmp_path_factory) -> Path:
     """A tiny CLIP model with raybooth's character-level tokenizer, and a tiny ViT as DINO."""
     from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
-    from raybooth.tiny import build_tokenizer
+    from raybooth.models.tiny import build_tokenizer
 
     folder = tmp_path_factory.mktemp("judges")
     tokenizer = build_tokenizer()

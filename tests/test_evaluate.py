@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raybooth.cli import main
+from raybooth.commands.cli import main
 from raybooth.config.evaluate import EvaluateConfig
 from raybooth.errors import RayboothError
-from raybooth.evaluate import clear_samples, evaluate, image_grid
-from raybooth.generate import image_name
+from raybooth.evaluate.measure import clear_samples, evaluate, image_grid
+from raybooth.files.names import image_name
 from raybooth.world.metrics import WORLD_METRICS, world_subject_prompts
 from raybooth.world.scenes import write_subject
 

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from raybooth.config import GenerateConfig
+from raybooth.driver.generation import GENERATE_RAY_LOG, ImageGenerator, encode_pngs, generate
 from raybooth.errors import RayboothError
-from raybooth.generate import (GENERATE_RAY_LOG, ImageGenerator, encode_pngs, generate, generated_for, image_name,
-                               image_seed, missing_images)
-from raybooth.images import image_files
+from raybooth.files.images import image_files
+from raybooth.files.names import generated_for, image_name, image_seed, missing_images
 
 PROMPTS = ["a photo of a toy car", "a toy car on the beach"]
 
@@ -73,7 +73,7 @@ def test_generation_is_local_where_one_actor_would_render_on_a_ray_this_command_
         tiny_model_dir, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from raybooth.local_generation import local_device
+    from raybooth.driver.local_generation import local_device
 
     monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: False))  # a command's start
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -95,7 +95,7 @@ def test_local_generation_starts_no_ray_and_writes_whole_pngs_from_processes_of_
     output = tmp_path / "images"
     args = ["generate", "--model_dir", str(tiny_model_dir), "--output_dir", str(output), "--prompts", "a toy car",
             "--num_samples_per_prompt", "3", "--batch_size", "2", "--num_inference_steps", "2", "--no_use_gpu"]
-    script = f"import sys; from raybooth.cli import main; code = main({args!r}); print('ray' in sys.modules); sys.exit(code)"
+    script = f"import sys; from raybooth.commands.cli import main; code = main({args!r}); print('ray' in sys.modules); sys.exit(code)"
     env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

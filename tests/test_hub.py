@@ -2,9 +2,9 @@ import os
 import subprocess
 import sys
 
-from raybooth.hub import cache_model, pipeline_files
-
 from test_models import HASH, as_hub_cache
+
+from raybooth.models.hub import cache_model, pipeline_files
 
 SD14_FILES = [
     ".gitattributes", "README.md", "model_index.json", "sd-v1-4.ckpt", "sd-v1-4-full-ema.ckpt",

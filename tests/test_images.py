@@ -3,13 +3,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_solid_images
 from PIL import Image
 
-from raybooth.data import load_image
 from raybooth.errors import RayboothError
-from raybooth.images import find_images, image_files, read_rgb, to_rgb
-
-from conftest import write_solid_images
+from raybooth.files.images import find_images, image_files, load_image, read_rgb, to_rgb
 
 
 def test_finds_the_images_sorted_and_ignores_hidden_files(tmp_path):

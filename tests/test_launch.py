@@ -11,13 +11,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from raybooth.errors import RayboothError
-from raybooth.launch import fit_interruptibly, fit_locally, local_devices, preload, preloaded_models
-from raybooth.runs import RunFolder
-
-from test_worker import config
 from conftest import write_solid_images
+from test_worker import config
+
+from raybooth.driver.launch import fit_interruptibly, fit_locally
+from raybooth.driver.preload import preload
+from raybooth.driver.runs import RunFolder
+from raybooth.errors import RayboothError
+from raybooth.train.preload import local_devices, preloaded_models
 
 
 def test_one_worker_on_a_ray_this_command_started_runs_in_its_process():

@@ -9,9 +9,16 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import save_file
 
 from raybooth.errors import RayboothError
-from raybooth.lora import (LORA_WEIGHTS, adapter_parameters, add_adapters, check_lora_dir, load_adapters, merge_lora,
-                           save_adapters)
-from raybooth.tiny import build_tiny_pipeline
+from raybooth.models.lora import (
+    LORA_WEIGHTS,
+    adapter_parameters,
+    add_adapters,
+    check_lora_dir,
+    load_adapters,
+    merge_lora,
+    save_adapters,
+)
+from raybooth.models.tiny import build_tiny_pipeline
 
 PROMPT = "a photo of sks toy car"
 RANK, ALPHA = 4, 16.0  # alpha != rank: a loader that ignored the saved config would apply the LoRA at 1/4 strength

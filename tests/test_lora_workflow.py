@@ -13,17 +13,20 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import train_config
 from PIL import Image
 from safetensors import safe_open
 
-import raybooth.generate
-from raybooth.cli import build_parser, config_from_args, main, run_settings
+import raybooth.driver.generation
+from raybooth.commands.cli import build_parser, config_from_args, main, run_settings
 from raybooth.config import TrainConfig
 from raybooth.config.watch import LOGS_DIR, METRICS_FILE, REPORT_FILE
+from raybooth.driver.generation import ImageGenerator
 from raybooth.errors import RayboothError
-from raybooth.generate import ImageGenerator, image_name, image_seed
-from raybooth.lora import LORA_WEIGHTS, add_to_models
-from raybooth.models import LORA_SETTINGS, TRAINING_LOG, check_output_dir, load_for_training
+from raybooth.files.names import image_name, image_seed
+from raybooth.models.loading import load_for_training
+from raybooth.models.lora import LORA_WEIGHTS, add_to_models
+from raybooth.models.output import LORA_SETTINGS, TRAINING_LOG, check_output_dir
 
 PROMPT = "a unqtkn toy car on the beach"
 STEPS = ["--num_inference_steps", "2"]
@@ -119,7 +122,7 @@ def test_a_bad_lora_weights_dir_is_one_error_line_before_ray(lora_run, tiny_mode
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started")
 
-    monkeypatch.setattr(raybooth.generate, "connect", no_ray)
+    monkeypatch.setattr(raybooth.driver.generation, "connect", no_ray)
     missing = tmp_path / "nowhere"
     assert main(["generate", "--model_dir", str(tiny_model_dir), "--output_dir", str(tmp_path / "out"),
                  "--prompts", PROMPT, "--lora_weights_dir", str(missing)]) == 1
@@ -148,12 +151,6 @@ def test_an_adapter_folder_is_replaced_only_with_overwrite_and_only_when_it_is_o
     (folder / LORA_SETTINGS).unlink()  # a LoRA file alone: someone else's, not a raybooth output
     with pytest.raises(RayboothError, match="holds no model"):
         check_output_dir(folder, overwrite=True)
-
-
-def train_config(*flags: str) -> TrainConfig:
-    return config_from_args(TrainConfig, build_parser().parse_args([
-        "train", "--model_dir", "m", "--output_dir", "o", "--instance_images_dir", "i", "--instance_prompt",
-        "a photo of sks dog", "--class_images_dir", "c", "--class_prompt", "a photo of a dog", *flags]))
 
 
 def test_the_learning_rate_default_depends_on_use_lora_and_lora_flags_are_checked():

@@ -4,16 +4,17 @@ fp32 step on the same gradients, and checkpoints and the saved weights are the m
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from raybooth.checkpoints import restore, trained_tensors, write_checkpoint
-from raybooth.errors import RayboothError
-from raybooth.masters import MasterWeights, train_bf16_weights
-from raybooth.models import load_for_training, save_trained_modules
-from raybooth.optim import build_optimization
-from raybooth.training import Precision, dreambooth_loss, make_optimizer, train_step
-
 from test_training import fixed_batch
 from test_worker import config
+
+from raybooth.errors import RayboothError
+from raybooth.models.loading import load_for_training, save_trained_modules
+from raybooth.train.checkpoints import restore, trained_tensors, write_checkpoint
+from raybooth.train.loss import dreambooth_loss
+from raybooth.train.masters import MasterWeights, train_bf16_weights
+from raybooth.train.optim import build_optimization, make_optimizer
+from raybooth.train.precision import Precision
+from raybooth.train.step import train_step
 
 CPU = torch.device("cpu")
 

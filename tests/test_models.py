@@ -2,30 +2,19 @@ import json
 import shutil
 
 import pytest
+from helpers import as_hub_cache
 
 from raybooth.errors import RayboothError
-from raybooth.models import (check_output_dir, copy_base_components, copy_trained, finish_model_dir, resolve_model_dir,
-                             resolve_resolution, start_model_dir, use_flash_attention, write_model_dir)
-
-HASH = "0123456789abcdef0123456789abcdef01234567"
-
-
-def as_hub_cache(model_dir, cache_dir, name="raybooth/tiny-sd"):
-    """Lay a pipeline out as huggingface_hub's cache does: blobs, and snapshots of symlinks."""
-    repo = cache_dir / f"models--{name.replace('/', '--')}"
-    snapshot = repo / "snapshots" / HASH
-    for file in model_dir.rglob("*"):
-        if file.is_file():
-            blob = repo / "blobs" / f"{abs(hash(str(file))):x}"
-            blob.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(file, blob)
-            link = snapshot / file.relative_to(model_dir)
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(blob)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(HASH)
-    return snapshot
-
+from raybooth.models.folders import resolve_model_dir, resolve_resolution
+from raybooth.models.loading import use_flash_attention
+from raybooth.models.output import (
+    check_output_dir,
+    copy_base_components,
+    copy_trained,
+    finish_model_dir,
+    start_model_dir,
+    write_model_dir,
+)
 
 def test_a_hub_cache_folder_resolves_to_its_snapshot(tiny_model_dir, tmp_path):
     snapshot = as_hub_cache(tiny_model_dir, tmp_path)

@@ -7,15 +7,16 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from raybooth.checkpoints import restore, write_checkpoint
-from raybooth.errors import RayboothError
-from raybooth.models import load_for_training, save_trained_modules
-from raybooth.optim import build_optimization, check_8bit_adam, learning_rates
-from raybooth.training import DreamBoothModels, Precision, train_step
-
 from test_training import fixed_batch, snapshot
 from test_worker import config
+
+from raybooth.errors import RayboothError
+from raybooth.models.loading import load_for_training, save_trained_modules
+from raybooth.models.modules import DreamBoothModels
+from raybooth.train.checkpoints import restore, write_checkpoint
+from raybooth.train.optim import build_optimization, check_8bit_adam, learning_rates
+from raybooth.train.precision import Precision
+from raybooth.train.step import train_step
 
 CPU = torch.device("cpu")
 
@@ -172,14 +173,14 @@ def test_8bit_adam_where_it_cannot_run_is_one_clear_error(monkeypatch):
     def no_cpu_kernel(*args, **kwargs):
         raise NotImplementedError("no kernel for cpu")
 
-    monkeypatch.setattr("raybooth.training.make_optimizer", no_cpu_kernel)
+    monkeypatch.setattr("raybooth.train.optim.make_optimizer", no_cpu_kernel)
     with pytest.raises(RayboothError, match="cannot run 8-bit AdamW on the CPU"):
         check_8bit_adam(on_gpu=False)
     check_8bit_adam(on_gpu=True)  # on GPUs the CPU kernel does not matter
 
 
 def test_options_that_rule_out_a_cuda_graph_say_so_in_one_line():
-    from raybooth.stepping import use_cuda_graph
+    from raybooth.train.step import use_cuda_graph
 
     gpu, said = torch.device("cuda"), []  # a device object only: nothing runs on it
     bf16 = Precision("bf16", gpu)

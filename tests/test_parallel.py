@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from raybooth.parallel import unwrap, wrap
+from raybooth.models.modules import unwrap
+from raybooth.train.parallel import wrap
 
 
 @pytest.fixture

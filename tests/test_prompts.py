@@ -3,7 +3,7 @@ import re
 import pytest
 
 from raybooth.errors import RayboothError
-from raybooth.prompts import check_prompt_lengths, check_prompts, class_prompt, instance_prompt, sample_prompts
+from raybooth.models.prompts import check_prompt_lengths, check_prompts, class_prompt, instance_prompt, sample_prompts
 
 
 def test_the_class_noun_is_what_both_prompts_end_with():

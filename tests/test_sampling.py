@@ -4,8 +4,8 @@ among the workers, and an earlier model's images of the same names removed first
 import pytest
 
 from raybooth.errors import RayboothError
-from raybooth.generate import image_name, image_seed
-from raybooth.sampling import SampleSet, plan_sample_set
+from raybooth.files.names import image_name, image_seed
+from raybooth.generate.sample_plans import SampleSet, plan_sample_set
 
 
 def test_a_sample_set_is_named_seeded_and_shared_as_generate_would(tmp_path):

@@ -4,15 +4,14 @@ as a CUDA graph ran on an H100 only: bench/RESULTS.md.)"""
 
 import pytest
 import torch
-
-from raybooth.lora import add_to_models
-from raybooth.models import load_for_training
-from raybooth.optim import build_optimization
-from raybooth.stepping import compiled_for_training, make_step
-from raybooth.training import Precision
-
 from test_training import fixed_batch
 from test_worker import config
+
+from raybooth.models.loading import load_for_training
+from raybooth.models.lora import add_to_models
+from raybooth.train.optim import build_optimization
+from raybooth.train.precision import Precision
+from raybooth.train.step import compiled_for_training, make_step
 
 CPU = torch.device("cpu")
 

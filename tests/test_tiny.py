@@ -3,8 +3,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from raybooth.models import resolve_model_dir, resolve_resolution
-from raybooth.tiny import build_tokenizer, write_demo_subject
+from raybooth.models.folders import resolve_model_dir, resolve_resolution
+from raybooth.models.tiny import build_tokenizer, write_demo_subject
 
 
 def test_the_tiny_model_loads_in_diffusers_and_generates(tiny_model_dir):

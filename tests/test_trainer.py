@@ -10,35 +10,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from helpers import CLASS_PROMPT, INSTANCE_PROMPT, differs, train_args, weights, write_solid_images
 from PIL import Image
 from safetensors.torch import load_file
 
-from raybooth.cli import main
+from raybooth.commands.cli import main
 from raybooth.config import TrainConfig
-from raybooth.generate import image_name, image_seed
-from raybooth.trainer import plan_class_images
-
-from conftest import write_solid_images
-
-INSTANCE_PROMPT, CLASS_PROMPT = "a photo of unqtkn toy car", "a photo of a toy car"
-
-
-def train_args(model_dir, output_dir, instance_dir, class_dir, *extra) -> list[str]:
-    return ["train", "--model_dir", str(model_dir), "--output_dir", str(output_dir),
-            "--instance_images_dir", str(instance_dir), "--instance_prompt", INSTANCE_PROMPT,
-            "--class_images_dir", str(class_dir), "--class_prompt", CLASS_PROMPT,
-            "--num_class_images", "4", "--num_inference_steps", "2", "--report_every_n_steps", "2",
-            "--storage_path", str(output_dir.parent / "ray-storage"), *extra]
-
-
-def weights(folder, part):
-    name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
-    return load_file(folder / part / name)
-
-
-def differs(a: dict, b: dict) -> bool:
-    return any(not torch.equal(a[k], b[k]) for k in a)
-
+from raybooth.driver.plan import plan_class_images
+from raybooth.files.names import image_name, image_seed
 
 def test_train_on_two_workers_writes_a_pipeline_that_diffusers_loads(ray_cluster, tiny_model_dir, subject_dir, tmp_path):
     output, class_dir = tmp_path / "tuned", tmp_path / "class"
@@ -99,7 +78,7 @@ def test_a_worker_that_cannot_see_the_output_hands_its_weights_over_as_a_checkpo
     # Rank 0 writes straight into the output's partial folder only where it finds the driver's
     # token there (same node, or shared storage). A token of another name stands in for a worker
     # on another node: the weights then travel through Ray Train's storage.
-    monkeypatch.setattr("raybooth.worker.OUTPUT_TOKEN", ".elsewhere")  # the driver's, not the workers'
+    monkeypatch.setattr("raybooth.train.plan.OUTPUT_TOKEN", ".elsewhere")  # the driver's, not the workers'
     output, class_dir = tmp_path / "tuned", tmp_path / "class"
     write_solid_images(class_dir, (0, 0, 200), 4)
     assert main(train_args(tiny_model_dir, output, subject_dir, class_dir, "--max_train_steps", "3",
@@ -114,7 +93,7 @@ def test_a_worker_that_cannot_see_the_output_hands_its_weights_over_as_a_checkpo
 
 def test_an_output_that_cannot_be_written_is_found_before_ray(tiny_model_dir, subject_dir, tmp_path, capsys,
                                                              monkeypatch):
-    monkeypatch.setattr("raybooth.trainer.connect", lambda *_: pytest.fail("Ray was started"))
+    monkeypatch.setattr("raybooth.driver.training.connect", lambda *_: pytest.fail("Ray was started"))
     (tmp_path / "a-file").write_text("")
     output = tmp_path / "a-file" / "tuned"
     assert main(train_args(tiny_model_dir, output, subject_dir, tmp_path / "class")) == 1
@@ -127,11 +106,11 @@ def test_the_driver_checks_its_input_before_importing_torch(tiny_model_dir, subj
     args = train_args(tiny_model_dir, tmp_path / "out", subject_dir, tmp_path / "class")
     # (A good run's first heavy step: the models start loading, then Ray starts.)
     code = ("import os, sys\n"
-            "import raybooth.trainer\n"
+            "import raybooth.driver.training\n"
             "def preload(*_):\n"
             "    os._exit(3 if 'torch' in sys.modules else 0)\n"
-            "raybooth.trainer.preload = preload\n"
-            "from raybooth.cli import main\n"
+            "raybooth.driver.training.preload = preload\n"
+            "from raybooth.commands.cli import main\n"
             f"main({args!r})\n"
             "os._exit(4)\n")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
@@ -224,7 +203,7 @@ def test_bad_input_fails_with_one_line_before_ray_starts(model_copy, tmp_path, c
     def no_ray(*_):
         raise AssertionError("Ray was started before the input was checked")
 
-    monkeypatch.setattr("raybooth.trainer.connect", no_ray)
+    monkeypatch.setattr("raybooth.driver.training.connect", no_ray)
     assert main(train_args(model_copy, tmp_path / "out", instance_dir, class_dir, *extra)) == 1
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("raybooth: error: ")

@@ -4,10 +4,9 @@ import json
 
 import torch
 from diffusers import StableDiffusionPipeline
-
-from raybooth.cli import main
-
 from test_trainer import differs, train_args, weights
+
+from raybooth.commands.cli import main
 
 
 def test_train_with_the_optimizer_options_and_a_config_file(ray_cluster, tiny_model_dir, subject_dir, tmp_path):

@@ -2,11 +2,20 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from helpers import fixed_batch, fp32_models, snapshot
 
-from raybooth.data import tokenize
-from raybooth.models import load_for_training, load_tokenizer
-from raybooth.training import (Batch, Precision, diffusion_target, dreambooth_loss, latent_distribution,
-                               make_optimizer, prior_preservation_loss, sample_latents, train_step)
+from raybooth.models.loading import load_for_training, load_tokenizer, tokenize
+from raybooth.train.loss import (
+    Batch,
+    diffusion_target,
+    dreambooth_loss,
+    latent_distribution,
+    prior_preservation_loss,
+    sample_latents,
+)
+from raybooth.train.optim import make_optimizer
+from raybooth.train.precision import Precision
+from raybooth.train.step import train_step
 
 CPU = torch.device("cpu")
 
@@ -35,23 +44,10 @@ def test_target_follows_prediction_type():
         diffusion_target(DDPMScheduler(prediction_type="sample"), latents, noise, timesteps)
 
 
-def fixed_batch(model_dir, size=64) -> Batch:
-    """Two instance and two class examples, instance rows first."""
-    tokenizer = load_tokenizer(model_dir)
-    generator = torch.Generator().manual_seed(0)
-    pixels = torch.rand(4, 3, size, size, generator=generator) * 2 - 1
-    ids = [tokenize(tokenizer, p) for p in ["a photo of unqtkn toy car"] * 2 + ["a photo of a toy car"] * 2]
-    return Batch(pixels, torch.from_numpy(np.stack(ids)))
-
-
 def evaluation_loss(models, batch: Batch) -> float:
     torch.manual_seed(1234)  # the same latents, noise and timesteps every time it is called
     with torch.no_grad():
         return dreambooth_loss(models, batch, prior_loss_weight=1.0).total.item()
-
-
-def snapshot(module):
-    return {name: p.detach().clone() for name, p in module.named_parameters()}
 
 
 def changed(before, module) -> float:
@@ -161,15 +157,6 @@ def test_cached_latents_give_the_loss_that_encoding_the_images_gives(tiny_model_
     torch.testing.assert_close(sample_latents(models, every_row), encoded)
     swapped = Batch(batch.pixels[:2], batch.prompt_ids, mean.flip(0), std)  # class rows in the wrong order
     assert not torch.allclose(sample_latents(models, swapped), encoded, atol=1e-3)
-
-
-def fp32_models(model_dir, channels_last: bool = False):
-    """The tiny model in fp32 on the CPU, text encoder trained; with `channels_last` the UNet in
-    the layout --channels_last gives it."""
-    models = load_for_training(model_dir, CPU, CPU, torch.float32, True)
-    if channels_last:
-        models.unet.to(memory_format=torch.channels_last)
-    return models
 
 
 def test_a_channels_last_unet_trains_as_the_contiguous_one(tiny_model_dir):

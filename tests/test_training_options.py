@@ -4,13 +4,13 @@ gradient accumulation, gradient checkpointing, prompts encoded once, the tokeniz
 import pytest
 import torch
 from diffusers import DDPMScheduler
-
-from raybooth.data import tokenize
-from raybooth.models import load_for_training, load_tokenizer
-from raybooth.optim import enable_gradient_checkpointing, precompute_prompt_embeddings
-from raybooth.training import Batch, Precision, dreambooth_loss, min_snr_weights, prior_preservation_loss, train_step
-
 from test_training import fixed_batch
+
+from raybooth.models.loading import load_for_training, load_tokenizer, tokenize
+from raybooth.train.loss import Batch, dreambooth_loss, min_snr_weights, prior_preservation_loss
+from raybooth.train.optim import enable_gradient_checkpointing, precompute_prompt_embeddings
+from raybooth.train.precision import Precision
+from raybooth.train.step import train_step
 
 CPU = torch.device("cpu")
 

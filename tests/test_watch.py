@@ -12,22 +12,21 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import write_solid_images
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from raybooth.checkpoint_folders import run_name
-from raybooth.cli import main
-from raybooth.losslog import LossLog
-from raybooth.training import Loss
-from raybooth.watch import raylog
-from raybooth.watch.progress import ImageProgress
-from raybooth.watch.raylog import RayOutput, restore_ray_output, send_ray_output
+from raybooth.commands.cli import main
+from raybooth.files.checkpoints import run_name
+from raybooth.terminal import raylog
+from raybooth.terminal.progress import ImageProgress
+from raybooth.terminal.raylog import RayOutput, restore_ray_output, send_ray_output
+from raybooth.train.loss import Loss
+from raybooth.train.losslog import LossLog
 from raybooth.watch.monitor import gpu_memory
 from raybooth.watch.report import PANEL_SIZE, PANELS, TITLE_HEIGHT, draw_report, panel_boxes, write_metrics
 from raybooth.watch.tensorboard import Board
 from raybooth.watch.validation import grid
-
-from conftest import write_solid_images
 
 OURS = "[raybooth   12.0s] step 2/4 epoch 1 loss 0.5"
 RAYS = "Reporting training result 1: TrainingReport(checkpoint=None, metrics={'step': 2})"
@@ -275,7 +274,7 @@ def test_the_output_holds_the_report_and_the_metrics(watched_run):
     assert metrics["validation_grids"] == ["validation/step-000002.png", "validation/step-000004.png"]
     assert not [key for key in metrics if "gpu" in key]  # no GPU memory to tell of on the CPU
     # The logs belong to the output: --overwrite replaces the model and keeps the earlier runs' logs.
-    from raybooth.models import check_output_dir
+    from raybooth.models.output import check_output_dir
 
     check_output_dir(folder / "tuned", overwrite=True)
 

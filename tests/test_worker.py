@@ -1,20 +1,14 @@
 import torch
+from helpers import config
 
-from raybooth.config import TrainConfig
-from raybooth.log import clock_start
-from raybooth.losslog import LossLog
-from raybooth.training import Loss
-from raybooth.worker import TrainPlan
-
-
-def config(**overrides) -> TrainConfig:
-    values = dict(model_dir="m", output_dir="o", instance_images_dir="i", instance_prompt="a photo of sks dog",
-                  class_images_dir="c", class_prompt="a photo of a dog")
-    return TrainConfig(**values | overrides)
+from raybooth.terminal.log import clock_start
+from raybooth.train.loss import Loss
+from raybooth.train.losslog import LossLog
+from raybooth.train.plan import TrainPlan
 
 
-def plan(pairs_per_worker: int) -> TrainPlan:
-    return TrainPlan(model_dir="m", resolution=64, class_images_dir="c", class_shares=[],
+def plan(pairs_per_worker: int, **settings) -> TrainPlan:
+    return TrainPlan(config=config(**settings), model_dir="m", resolution=64, class_images_dir="c", class_shares=[],
                      pairs_per_worker=pairs_per_worker, output_partial="p", output_token="t")
 
 
@@ -26,9 +20,9 @@ def test_workers_stamp_their_lines_on_the_commands_clock_not_from_when_training_
 
 def test_planned_steps_follow_each_workers_share():
     # 200 class images over 2 workers: 100 pairs each, batches of 4: 25 steps an epoch.
-    assert plan(100).total_steps(config(num_epochs=4, max_train_steps=800, train_batch_size=4)) == 100
-    assert plan(100).total_steps(config(num_epochs=4, max_train_steps=30, train_batch_size=4)) == 30
-    assert plan(5).total_steps(config(num_epochs=2, train_batch_size=2)) == 6  # the last batch is topped up
+    assert plan(100, num_epochs=4, max_train_steps=800, train_batch_size=4).total_steps() == 100
+    assert plan(100, num_epochs=4, max_train_steps=30, train_batch_size=4).total_steps() == 30
+    assert plan(5, num_epochs=2, train_batch_size=2).total_steps() == 6  # the last batch is topped up
 
 
 def test_loss_log_keeps_every_step_and_reports_the_window_mean():

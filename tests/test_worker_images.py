@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from raybooth.worker_images import decoder_on_device, park_vae_decoder
+from raybooth.generate.on_worker import decoder_on_device, park_vae_decoder
 
 
 class Part:

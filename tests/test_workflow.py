@@ -4,11 +4,11 @@ import numpy as np
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from raybooth.cli import main
-from raybooth.generate import image_name
-from raybooth.images import image_files
-from raybooth.outcome import EVALUATION_FILE, GRID_FILE
-from raybooth.prompts import sample_prompts
+from raybooth.commands.cli import main
+from raybooth.commands.outcome import EVALUATION_FILE, GRID_FILE
+from raybooth.files.images import image_files
+from raybooth.files.names import image_name
+from raybooth.models.prompts import sample_prompts
 
 # The tiny random model, trained hard enough in about a minute of CPU time for the loss to fall
 # (the demo on the world model, which learns the subject, is tests/test_demo.py).

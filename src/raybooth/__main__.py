@@ -1,3 +1,3 @@
-from raybooth.cli import run
+from raybooth.commands.cli import run
 
 run()

@@ -9,8 +9,15 @@ import pytest
 from PIL import Image, ImageFilter
 
 from raybooth.errors import RayboothError
-from raybooth.world.classifier import (DEFAULT_WEIGHTS, TrainSettings, load_classifier, main, save_classifier,
-                                       settings_path, train_classifier)
+from raybooth.world.classifier import (
+    DEFAULT_WEIGHTS,
+    TrainSettings,
+    load_classifier,
+    main,
+    save_classifier,
+    settings_path,
+    train_classifier,
+)
 from raybooth.world.classifier_data import labels_of, mixed_scenes
 from raybooth.world.scenes import BACKGROUNDS, CLASSES, SUBJECT_CLASS, SUBJECT_COLORS, random_scene, render
 

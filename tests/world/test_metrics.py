@@ -8,10 +8,23 @@ import numpy as np
 import pytest
 
 from raybooth.world.classifier import load_classifier
-from raybooth.world.metrics import (color_diversity, pixel_diversity, prompt_fidelity, world_metrics,
-                                    world_subject_prompts)
-from raybooth.world.scenes import (BACKGROUNDS, COLORS, SUBJECT_CLASS, SUBJECT_COLORS, context_of, random_scene,
-                                   render, subject_scene)
+from raybooth.world.metrics import (
+    color_diversity,
+    pixel_diversity,
+    prompt_fidelity,
+    world_metrics,
+    world_subject_prompts,
+)
+from raybooth.world.scenes import (
+    BACKGROUNDS,
+    COLORS,
+    SUBJECT_CLASS,
+    SUBJECT_COLORS,
+    context_of,
+    random_scene,
+    render,
+    subject_scene,
+)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from raybooth.errors import RayboothError
 from raybooth.world.pretrain import SAMPLES_FILE, SETTINGS_FILE, grid_prompts, main
-from raybooth.world.pretrain_stages import StageSettings, Progress, unit_variance_scale
+from raybooth.world.pretrain_stages import Progress, StageSettings, unit_variance_scale
 from raybooth.world.pretraining_data import CAPTION_VARIANTS, caption_table, render_dataset
 from raybooth.world.scenes import pretraining_scenes, render
 
@@ -73,7 +73,8 @@ def test_diffusers_loads_and_samples_the_pipeline(pretrained, one_thread):
 
 
 def test_raybooth_loads_the_pipeline_for_training(pretrained):
-    from raybooth.models import load_for_training, resolve_model_dir, resolve_resolution
+    from raybooth.models.folders import resolve_model_dir, resolve_resolution
+    from raybooth.models.loading import load_for_training
 
     assert resolve_resolution(resolve_model_dir(pretrained), None) == 64
     models = load_for_training(pretrained, torch.device("cpu"), torch.device("cpu"), torch.float32,
@@ -103,7 +104,7 @@ def test_rendered_dataset_matches_render_in_order_with_a_pool():
 
 
 def test_caption_table_covers_every_variant_and_the_empty_prompt():
-    from raybooth.tiny import build_tokenizer
+    from raybooth.models.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     scenes = pretraining_scenes(np.random.default_rng(0), 50)

@@ -11,8 +11,21 @@ import pytest
 from PIL import Image
 
 from raybooth.world import scenes
-from raybooth.world.scenes import (BACKGROUNDS, CLASSES, COLORS, SUBJECT_CLASS, SUBJECT_PATTERN, Scene, caption,
-                                   context_of, pretraining_scenes, random_scene, render, subject_scene, write_subject)
+from raybooth.world.scenes import (
+    BACKGROUNDS,
+    CLASSES,
+    COLORS,
+    SUBJECT_CLASS,
+    SUBJECT_PATTERN,
+    Scene,
+    caption,
+    context_of,
+    pretraining_scenes,
+    random_scene,
+    render,
+    subject_scene,
+    write_subject,
+)
 
 
 def test_the_world_has_the_promised_vocabulary():

@@ -5,10 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from raybooth.config.fields import (DTYPES, SAMPLER_HELP, SAMPLERS, STEPS_HELP, check_prompts_given, finite, given,
-                                    option, positive)
+from raybooth.config.fields import (
+    DTYPES,
+    SAMPLER_HELP,
+    SAMPLERS,
+    STEPS_HELP,
+    check_prompts_given,
+    finite,
+    given,
+    option,
+    positive,
+)
 from raybooth.config.watch import VERBOSE_HELP
 from raybooth.errors import RayboothError
+
 
 @dataclass
 class CacheConfig:
@@ -62,12 +72,6 @@ class GenerateConfig:
         if self.local_mode and (self.num_workers or 1) > 1:
             raise RayboothError("--local_mode renders in this process; it does not go with --num_workers above 1")
 
-    def uses_local_mode(self, started_here: bool, actors: int) -> bool:
-        """As --local_mode says, else where one actor would render, on a Ray this command would
-        start (on a cluster the command's own machine may have no GPU)."""
-        if self.local_mode is not None:
-            return self.local_mode
-        return started_here and actors == 1
 
 
 @dataclass

@@ -5,8 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from raybooth.config.fields import (DTYPES, SAMPLER_HELP, SAMPLERS, STEPS_HELP, check_prompts_given, finite, given,
-                                    option, positive)
+from raybooth.config.fields import (
+    DTYPES,
+    SAMPLER_HELP,
+    SAMPLERS,
+    STEPS_HELP,
+    check_prompts_given,
+    finite,
+    given,
+    option,
+    positive,
+)
 from raybooth.config.watch import VERBOSE_HELP
 from raybooth.errors import RayboothError
 
@@ -71,10 +80,3 @@ class EvaluateConfig:
         if self.chosen_metrics == "clip" and not (self.clip_model_dir and self.dino_model_dir):
             raise RayboothError("--metrics clip needs --clip_model_dir and --dino_model_dir (local models; "
                                 "raybooth evaluate never downloads)")
-        if self.chosen_metrics == "world":
-            from raybooth.world.scenes import CLASSES
-
-            if self.class_noun not in CLASSES:
-                raise RayboothError(f"--metrics world judges the small world's classes ({', '.join(CLASSES)}), "
-                                    f"not {self.class_noun!r}; for other subjects use --metrics clip with "
-                                    "--clip_model_dir and --dino_model_dir")

@@ -5,12 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from raybooth.config.fields import (DDP_BUCKET_MB, FULL_DEFAULT_LR, LORA_DEFAULT_LR, LORA_DEFAULT_RANK,
-                                    PRECISIONS, SAMPLER_HELP, SAMPLERS, STEPS_HELP, check_prompts_given, finite,
-                                    given, option, positive)
+from raybooth.config.fields import (
+    DDP_BUCKET_MB,
+    FULL_DEFAULT_LR,
+    LORA_DEFAULT_LR,
+    LORA_DEFAULT_RANK,
+    PRECISIONS,
+    SAMPLER_HELP,
+    SAMPLERS,
+    STEPS_HELP,
+    check_prompts_given,
+    finite,
+    given,
+    option,
+    positive,
+)
 from raybooth.config.optimization import ExampleOptions, OptimizationOptions
 from raybooth.config.watch import WatchOptions
 from raybooth.errors import RayboothError
+
 
 @dataclass
 class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
@@ -152,34 +165,6 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
                 return flag
         return None
 
-    def uses_bf16_gradients(self, precision: str, world_size: int) -> bool:
-        """As --bf16_gradients says. By default with several one-GPU workers, or at batch 4 and up,
-        where it was measured faster and smaller (bench/RESULTS.md; at batch 1 it costs 3 GiB more);
-        only in bf16 mixed precision, with no option that rules it out, and without gradient
-        accumulation (whose sum would be taken in bf16)."""
-        if self.bf16_gradients and precision != "bf16":
-            raise RayboothError(f"--bf16_gradients needs bf16 mixed precision; this worker's is {precision}")
-        if self.bf16_gradients is not None:
-            return self.bf16_gradients
-        return ((world_size > 1 or self.train_batch_size >= 4) and precision == "bf16"
-                and self.bf16_gradients_blocker() is None
-                and self.gradient_accumulation_steps == 1 and self.gpus_per_worker == 1)
-
-    def uses_channels_last(self, device_type: str, world_size: int) -> bool:
-        """As --channels_last says, else where it was measured faster (bench/RESULTS.md): one GPU
-        worker, batch 1, full fine-tuning (LoRA, DDP and --compile were not measured with it)."""
-        if self.channels_last is not None:
-            return self.channels_last
-        return (device_type == "cuda" and world_size == 1 and self.train_batch_size == 1 and not self.use_lora
-                and not self.compile)
-
-    def uses_cudnn_attention(self, device_type: str) -> bool:
-        """As --cudnn_attention says, else on GPUs at batch 4 and up or with --compile, where the
-        attention's share of a step makes up for the plans cuDNN builds first (bench/RESULTS.md)."""
-        if self.cudnn_attention is not None:
-            return self.cudnn_attention
-        return device_type == "cuda" and (self.train_batch_size >= 4 or self.compile)
-
     def local_mode_blocker(self) -> str | None:
         """The option that needs Ray Train's worker processes, if any: several workers, restarts
         of a lost one, and storage that only Ray Train writes to (a URI)."""
@@ -188,13 +173,6 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
             if on:
                 return flag
         return None
-
-    def uses_local_mode(self, started_here: bool) -> bool:
-        """As --local_mode says, else wherever nothing needs a worker process and this command
-        started the Ray it uses (on a cluster the command's own machine may have no GPU)."""
-        if self.local_mode is not None:
-            return self.local_mode
-        return started_here and self.local_mode_blocker() is None
 
     def learning_rate(self) -> float:
         """--lr, or its default for the kind of training: LoRA adapters start at zero and need

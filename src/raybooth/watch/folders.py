@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from raybooth.log import log
+from raybooth.terminal.log import log
 
 RAY_LOG = "ray.log"
 VALIDATION_DIR = "validation"

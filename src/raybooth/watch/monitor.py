@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from raybooth.config.watch import METRICS_FILE
-from raybooth.generate import png_bytes, write_atomically
-from raybooth.images import SHEET_PNG
+from raybooth.files.images import SHEET_PNG
+from raybooth.files.writes import png_bytes, write_atomically
 from raybooth.watch.folders import VALIDATION_DIR
 from raybooth.watch.tensorboard import Board
 from raybooth.watch.validation import grid, sample_validation_images
@@ -40,7 +40,7 @@ class RunWatch:
         validation prompt, as a PNG and in TensorBoard. The other workers wait for it at the
         next all-reduce; its time is kept out of the throughput shown."""
         self.steps_run += 1
-        total = self.plan.total_steps(self.cfg)
+        total = self.plan.total_steps()
         if self.folder is None or not self.cfg.validation_prompt or (step % self.cfg.validation_steps
                                                                      and step != total):
             return

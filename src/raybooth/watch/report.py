@@ -14,9 +14,9 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from raybooth.config.watch import METRICS_FILE, REPORT_FILE
-from raybooth.images import SHEET_PNG, open_image
-from raybooth.log import log
-from raybooth.models import TRAINING_LOG
+from raybooth.files.images import SHEET_PNG, open_image
+from raybooth.models.output import TRAINING_LOG
+from raybooth.terminal.log import log
 from raybooth.watch.folders import RunLogs
 
 PANEL_SIZE = (640, 480)

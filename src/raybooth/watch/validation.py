@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raybooth.generate import default_batch_size, image_seed, pipeline_settings, render
-from raybooth.worker_images import decoder_on_device, pipeline_from_models
+from raybooth.files.names import image_seed
+from raybooth.generate.on_worker import decoder_on_device, pipeline_from_models
+from raybooth.generate.pipelines import default_batch_size, pipeline_settings, render
 
 
 def sample_validation_images(models, model_dir: Path, cfg, resolution: int) -> list[np.ndarray]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from raybooth.images import image_files
+from raybooth.files.images import image_files
 from raybooth.world.metrics import world_subject_prompts
 from raybooth.world.scenes import SUBJECT_CLASS, write_subject
 

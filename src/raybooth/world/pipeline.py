@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from raybooth.tiny import build_tokenizer
+from raybooth.models.tiny import build_tokenizer
 
 RESOLUTION = 64
 # SD 1.x's noise schedule, so the world model trains and samples the way SD does. Sampling uses

@@ -1,0 +1,227 @@
+"""The `raybooth` command. Flags come from the config dataclasses' fields: `--model_dir`, as in
+Ray's example scripts, and `--model-dir` alike; booleans take `--flag` / `--no_flag`."""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import dataclasses
+import os
+import sys
+import threading
+import types
+import typing
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+from raybooth import __version__
+from raybooth.config import (
+    RUN_DERIVED_TRAIN_FIELDS,
+    CacheConfig,
+    GenerateConfig,
+    MergeLoraConfig,
+    RunConfig,
+    TinyModelConfig,
+    TrainConfig,
+)
+from raybooth.config.evaluate import EvaluateConfig
+from raybooth.config.yaml_file import CONFIG_FILE_HELP, apply_config_file
+from raybooth.errors import RayboothError
+from raybooth.terminal.raylog import restore_ray_output
+
+
+def flag_names(name: str) -> list[str]:
+    return [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config: type, skip: Sequence[str] = (),
+                         only_given: bool = False) -> None:
+    """One flag per field of the dataclass `config`. With `only_given`, flags left out stay out
+    of the parsed namespace, so a caller can tell a default from a choice."""
+    hints = typing.get_type_hints(config)
+    # A config's own fields first, then those of its keyword-only option groups (base classes).
+    for field in sorted(dataclasses.fields(config), key=lambda f: f.kw_only):
+        if field.name in skip:
+            continue
+        meta = dict(field.metadata)
+        hidden = meta.pop("hidden", False)
+        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        default = None if required else (field.default if field.default is not dataclasses.MISSING
+                                         else field.default_factory())
+        help_text = meta.pop("help", "")
+        if not required and default is not None and not isinstance(default, bool):
+            help_text += f" (default: {default})"
+        kind, is_list = _value_type(hints[field.name])
+        common = dict(dest=field.name, default=argparse.SUPPRESS if only_given else default)
+        if kind is bool:
+            shown = argparse.SUPPRESS if hidden else help_text
+            negative_help = argparse.SUPPRESS if hidden else f"Negation of --{field.name}."
+            parser.add_argument(*flag_names(field.name), action="store_true", help=shown, **common)
+            if default is not False:  # `--no_overwrite` would say nothing that leaving it out does not
+                parser.add_argument(*flag_names(f"no_{field.name}"), action="store_false", help=negative_help,
+                                    **common)
+            continue
+        parser.add_argument(*flag_names(field.name), type=kind, required=required and not only_given,
+                            nargs=meta.pop("nargs", "+" if is_list else None),
+                            metavar=None if "choices" in meta else field.name.upper(),
+                            help=argparse.SUPPRESS if hidden else help_text,
+                            **common, **meta)
+
+
+def _value_type(hint: Any) -> tuple[type, bool]:
+    """(the type of one value, whether the field is a list) for `int | None`, `list[str]`, ..."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+def config_from_args(config: type, args: argparse.Namespace, skip: Sequence[str] = ()) -> Any:
+    return config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config)
+                     if f.name not in skip and hasattr(args, f.name)})
+
+
+def cache_model_command(args: argparse.Namespace) -> None:
+    from raybooth.models.hub import cache_model
+
+    cfg = config_from_args(CacheConfig, args)
+    print(cache_model(cfg.model_name, cfg.revision, cfg.model_dir))
+
+
+def tiny_model_command(args: argparse.Namespace) -> None:
+    from raybooth.models.tiny import write_tiny_model
+
+    cfg = config_from_args(TinyModelConfig, args)
+    print(write_tiny_model(cfg.output_dir, cfg.seed, cfg.overwrite))
+
+
+def generate_command(args: argparse.Namespace) -> None:
+    from raybooth.driver.generation import generate
+
+    cfg = config_from_args(GenerateConfig, args)
+    generate(cfg)
+    print(Path(cfg.output_dir).absolute())
+
+
+def train_command(args: argparse.Namespace) -> None:
+    from raybooth.driver.training import train
+
+    print(train(config_from_args(TrainConfig, args)))
+
+
+def merge_lora_command(args: argparse.Namespace) -> None:
+    from raybooth.models.lora import merge_lora
+
+    cfg = config_from_args(MergeLoraConfig, args)
+    cfg.validate()
+    print(merge_lora(cfg.model_dir, cfg.lora_weights_dir, cfg.output_dir, cfg.lora_scale, cfg.overwrite))
+
+
+def run_settings(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any]]:
+    """`run`'s own settings, and the training settings the user gave (only those)."""
+    training = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                if f.name not in RUN_DERIVED_TRAIN_FIELDS and hasattr(args, f.name)}
+    return config_from_args(RunConfig, args), training
+
+
+def run_command(args: argparse.Namespace) -> None:
+    from raybooth.commands.run import run
+
+    print(run(*run_settings(args)))
+
+
+def evaluate_command(args: argparse.Namespace) -> None:
+    from raybooth.evaluate.measure import evaluate, report
+
+    cfg = config_from_args(EvaluateConfig, args)
+    print(report(evaluate(cfg)))
+    print(Path(cfg.output_dir).absolute())
+
+
+COMMANDS = {
+    "cache-model": (cache_model_command, CacheConfig,
+                    "Download a pretrained pipeline into a Hugging Face cache folder; print its snapshot path."),
+    "tiny-model": (tiny_model_command, TinyModelConfig,
+                   "Write a tiny Stable-Diffusion-architecture pipeline, built offline, for tests and demos."),
+    "generate": (generate_command, GenerateConfig,
+                 "Generate images for prompts with Ray Data; images already made are kept."),
+    "train": (train_command, TrainConfig,
+              "Fine-tune UNet and text encoder with DreamBooth's prior-preserving loss on Ray Train."),
+    "run": (run_command, RunConfig,
+            "Cache a model, generate class images, fine-tune and sample, in one go. "
+            "Without arguments: the demo, on CPU, in a few minutes."),
+    "merge-lora": (merge_lora_command, MergeLoraConfig,
+                   "Fuse a LoRA adapter (from `train --use_lora`) into its base model; write a full pipeline."),
+    "evaluate": (evaluate_command, EvaluateConfig,
+                 "Sample a fine-tuned model and measure subject fidelity, prompt fidelity and prior preservation "
+                 "(the small world's classifier, or the paper's DINO, CLIP-I and CLIP-T)."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raybooth", description="DreamBooth for Stable Diffusion on Ray.")
+    parser.add_argument("--version", action="version", version=f"raybooth {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, config, summary) in COMMANDS.items():
+        aliases = [name.replace("-", "_")] if "-" in name else []
+        command = commands.add_parser(name, aliases=aliases, help=summary, description=summary)
+        command.set_defaults(command=name)
+        add_config_arguments(command, config)
+        if name == "run":
+            group = command.add_argument_group("training (as for `raybooth train`)")
+            add_config_arguments(group, TrainConfig, skip=RUN_DERIVED_TRAIN_FIELDS, only_given=True)
+        if name in CONFIG_FILE_COMMANDS:
+            command.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_FILE_HELP)
+    return parser
+
+
+CONFIG_FILE_COMMANDS = ("train", "run")
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, over the options of its --config file where `train` or `run` has one."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    config_file = argparse.ArgumentParser(add_help=False)
+    config_file.add_argument("--config", type=Path)
+    path = config_file.parse_known_args(argv)[0].config
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    name = next((arg for arg in argv if arg in commands), None)
+    if path is not None and name in CONFIG_FILE_COMMANDS:
+        apply_config_file(commands[name], path, name)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = parse_arguments(argv)
+    except RayboothError as error:  # a --config file that does not fit
+        print(f"raybooth: error: {error}", file=sys.stderr)
+        return 1
+    try:
+        COMMANDS[args.command][0](args)
+    except RayboothError as error:
+        print(f"raybooth: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("raybooth: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        restore_ray_output()  # in a process that goes on (tests), the next command routes its own
+    return 0
+
+
+def run() -> NoReturn:
+    """The `raybooth` command: `main()`, then a quick exit. Python's own exit would then take each
+    module apart (torch, diffusers, Ray's core): 1.1 s on the 2-core CPU machine after the work is
+    done and written (bench/RESULTS.md). What that exit does first is done here too: other threads
+    finish, the exit hooks run (Ray's shutdown among them), the output is flushed."""
+    code = main()
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,3 @@
+"""Files and folders, with no model in sight: image folders and how photos are read (images), the
+names and seeds of generated images (names), writes that land whole or not at all (writes), and
+checkpoint folders as the driver sees them (checkpoints)."""
