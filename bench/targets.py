@@ -6,8 +6,8 @@ one machine, then the report:
     python bench/targets.py mfu MODEL ANCHORS OUT [--no-crop-encode]
                                                       # crop_encode.py's ways of encoding new crops,
                                                       # then target 4: the step alone, raybooth train
-    python bench/targets.py report OUT [RESULTS.md]   # the section from OUT's phases, printed (or put
-                                                      # at the top of RESULTS.md)
+    python bench/targets.py report OUT [RUN.md]       # the section from OUT's phases, printed (and
+                                                      # written to RUN.md, e.g. bench/runs/DATE-....md)
 
 Each phase writes OUT/targets-PHASE.json with the machine, the versions and the date, after each of
 its parts, so that a phase cut short by the device's time limit keeps what it measured.
@@ -157,11 +157,8 @@ def report(out: Path) -> str:
 def main(phase: str, *args: str) -> None:
     if phase == "report":
         section = report(Path(args[0]))
-        if len(args) > 1:  # above the first dated section, under the file's preamble
-            results = Path(args[1])
-            text = results.read_text()
-            top = text.index("\n## ") + 1
-            results.write_text(text[:top] + section + "\n" + text[top:])
+        if len(args) > 1:  # a dated run's own file (bench/runs/DATE-...md); RESULTS.md's standing links it
+            Path(args[1]).write_text(section)
         print(section)
         return
     model, anchors, out, *options = args

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/../.."
 model="${1:-}"
 if [ -z "$model" ]; then
     model="$(mktemp -d)/tiny"
-    raybooth tiny-model --output_dir "$model" >/dev/null
+    python -m raybooth tiny-model --output_dir "$model" >/dev/null
 fi
 python tests/gpu/gpu_check.py "$model"
 python tests/gpu/options_check.py "$model"
