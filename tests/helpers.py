@@ -5,6 +5,7 @@ test module imports another test module."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from raybooth.commands.cli import build_parser, config_from_args
+from raybooth.commands.cli import build_parser, config_from_args, main
 from raybooth.config import TrainConfig
 from raybooth.models.loading import load_for_training, load_tokenizer, tokenize
 from raybooth.train.batches import TrainingSet, pairing
@@ -80,6 +81,18 @@ def train_args(model_dir, output_dir, instance_dir, class_dir, *extra) -> list[s
             "--class_images_dir", str(class_dir), "--class_prompt", CLASS_PROMPT,
             "--num_class_images", "4", "--num_inference_steps", "2", "--report_every_n_steps", "2",
             "--storage_path", str(output_dir.parent / "ray-storage"), *extra]
+
+
+def train_briefly(model_dir, instance_dir, folder: Path, capsys, *flags) -> tuple[int, str, dict | None]:
+    """`raybooth train` for 2 steps on the CPU into `folder`/tuned, with 2 class images of its own
+    (none to generate): its exit code, its log, and the training log beside its output (None
+    where it wrote none)."""
+    class_dir = write_solid_images(folder / "class", (0, 0, 200), 2)[0].parent
+    output = folder / "tuned"
+    code = main(train_args(model_dir, output, instance_dir, class_dir, "--num_class_images", "2",
+                           "--max_train_steps", "2", "--no_use_gpu", *flags))
+    record = output / "training_log.json"
+    return code, capsys.readouterr().err, json.loads(record.read_text()) if record.is_file() else None
 
 
 def weights(folder, part):

@@ -2,8 +2,8 @@
 into it), and it is written in place on local storage, or into scratch and uploaded elsewhere."""
 
 from pathlib import Path
-from types import SimpleNamespace
 
+import pyarrow.fs
 import ray.train
 import torch
 
@@ -32,10 +32,10 @@ def test_a_snapshot_keeps_the_state_of_its_step_while_training_goes_on(tiny_mode
     before = [parameter.detach().clone() for parameter in models.trainable_parameters()]
     optimizer.step()  # training goes on: weights, AdamW's moments and the history change
     history.append({"step": 2, "loss": 0.4})
-    storage = SimpleNamespace(storage_filesystem=SimpleNamespace(type_name="local"), experiment_fs_path=str(tmp_path))
+    storage = ray.train.RunConfig(name="run", storage_path=str(tmp_path)).storage_context  # as a worker gets it
     persisted = write_to_storage(storage, None, "step-0000001", 0, state)
 
-    folder = tmp_path / "step-0000001"
+    folder = tmp_path / "run" / "step-0000001"
     assert Path(persisted.path) == folder
     assert {TRAINED, OPTIMIZER, STATE, "rng-0.pt"} <= {p.name for p in folder.iterdir()}
     assert read_state(folder)["history"] == [{"step": 1, "loss": 0.5}]
@@ -47,21 +47,23 @@ def test_a_snapshot_keeps_the_state_of_its_step_while_training_goes_on(tiny_mode
 
 def test_on_cloud_storage_the_snapshot_goes_to_scratch_and_is_uploaded(tiny_model_dir, tmp_path):
     models, optimizer = trained(tiny_model_dir)
-    uploads = []
-
-    uploaded = tmp_path / "bucket"
-
-    def persist_current_checkpoint(checkpoint, name):  # what Ray Train's StorageContext does, in a folder
-        uploads.append((sorted(p.name for p in Path(checkpoint.path).iterdir()), name))
-        return ray.train.Checkpoint.from_directory(uploaded / name)
-
-    storage = SimpleNamespace(storage_filesystem=SimpleNamespace(type_name="s3"), experiment_fs_path="bucket/run",
-                              persist_current_checkpoint=persist_current_checkpoint)
+    # Ray Train's own storage context over a filesystem that is not the local one, as S3's or GCS's
+    # is not: a pyarrow filesystem rooted at a folder here stands in for the bucket.
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    storage = ray.train.RunConfig(name="run", storage_path="runs", storage_filesystem=pyarrow.fs.SubTreeFileSystem(
+        str(bucket), pyarrow.fs.LocalFileSystem())).storage_context
+    assert storage.storage_filesystem.type_name != "local"
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     state = snapshot(1, models, optimizer, 3, [], {}, {})  # rank 1: its random state alone
     persisted = write_to_storage(storage, ray.train.Checkpoint.from_directory(scratch), "step-0000003", 1, state)
-    assert uploads == [(["rng-1.pt"], "step-0000003")] and Path(persisted.path) == uploaded / "step-0000003"
+
+    uploaded = bucket / "runs" / "run" / "step-0000003"
+    assert [p.name for p in scratch.iterdir()] == ["rng-1.pt"]  # written into scratch...
+    assert [p.name for p in uploaded.iterdir()] == ["rng-1.pt"]  # ... and uploaded into the run's storage
+    assert (uploaded / "rng-1.pt").read_bytes() == (scratch / "rng-1.pt").read_bytes()
+    assert persisted.filesystem is storage.storage_filesystem and persisted.path == "runs/run/step-0000003"
 
 
 def test_reports_hold_back_while_a_checkpoint_is_being_written_and_resume_after():

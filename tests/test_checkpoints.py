@@ -13,10 +13,8 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import write_solid_images
+from helpers import fp32_models, train_args, train_config, write_solid_images
 from safetensors.torch import load_file
-from test_trainer import train_args
-from test_training import fp32_models
 
 from raybooth.files.checkpoints import fingerprint, latest_checkpoint, read_state
 from raybooth.models.loading import load_for_training
@@ -48,8 +46,6 @@ def test_batches_resumed_from_a_position_continue_the_uninterrupted_stream():
 
 
 def test_a_checkpoint_fits_only_the_lora_settings_it_was_trained_with():
-    from test_lora_workflow import train_config
-
     settings = [fingerprint(train_config(*flags), 512) for flags in
                 ([], ["--use_lora"], ["--use_lora", "--lora_rank", "8"], ["--use_lora", "--lora_alpha", "8"],
                  ["--use_lora", "--no_lora_text_encoder"])]
@@ -196,7 +192,8 @@ def test_a_named_checkpoint_is_resumed_and_one_of_other_settings_is_refused(runs
     finish(run, log)
     checkpoint = latest_checkpoint(next((tmp_path / "ray-storage").glob("raybooth-*")))
     assert main(runs("tuned", "--seed", "5")) == 1
-    assert "comes from a run with other settings (seed); pass --resume_from_checkpoint none" in capsys.readouterr().err
+    assert ("comes from a run with other settings (--seed 0 -> 5), which a resumed run cannot change; use the "
+            "checkpoint's, or pass --resume_from_checkpoint none" in capsys.readouterr().err)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # found before any output was begun
 
     # Into another output, from that checkpoint by its path.

@@ -1,6 +1,4 @@
-import argparse
 import importlib.metadata
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +7,8 @@ import pytest
 from diffusers import StableDiffusionPipeline
 
 from raybooth.commands.cli import build_parser, config_from_args, main, run_settings
-from raybooth.config import RUN_DERIVED_TRAIN_FIELDS, GenerateConfig, TrainConfig
+from raybooth.config import GenerateConfig, TrainConfig
 
-README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_the_seed_scripts_commands_run_with_their_own_flags():
@@ -96,26 +93,3 @@ def test_tiny_model_command_writes_a_loadable_pipeline_once(tmp_path, capsys):
     assert main(["tiny_model", "--output_dir", str(tmp_path / "tiny")]) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert main(["tiny-model", "--output_dir", str(tmp_path / "tiny"), "--overwrite", "--seed", "1"]) == 0
-
-
-def readme_flags() -> dict[str, set[str]]:
-    """The flags each command's table in the README's Flags section names."""
-    flags: dict[str, set[str]] = {}
-    command = None
-    for line in README.read_text().split("## Flags", 1)[1].splitlines():
-        heading = re.match(r"`raybooth ([a-z-]+)`", line)
-        if heading:
-            command = flags.setdefault(heading.group(1), set())
-        elif command is not None and line.startswith("|"):
-            command.update(re.findall(r"`--([a-z0-9_]+)`", line.split("|")[1]))
-    return flags
-
-
-def test_the_readme_documents_every_flag_of_every_command():
-    documented = readme_flags()
-    documented["run"] |= documented["train"] - set(RUN_DERIVED_TRAIN_FIELDS)
-    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    for name in ("cache-model", "tiny-model", "generate", "train", "run", "merge-lora", "evaluate"):
-        flags = {action.option_strings[0][2:] for action in commands.choices[name]._actions
-                 if action.option_strings and action.help != argparse.SUPPRESS and action.dest != "help"}
-        assert flags == documented[name], f"raybooth {name}: README and parser differ"

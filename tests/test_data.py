@@ -1,5 +1,5 @@
 import numpy as np
-from conftest import write_solid_images
+from helpers import write_solid_images
 from PIL import Image
 
 from raybooth.driver.datasets import image_dataset

@@ -2,7 +2,7 @@ import os
 import subprocess
 import sys
 
-from test_models import HASH, as_hub_cache
+from helpers import HASH, as_hub_cache
 
 from raybooth.models.hub import cache_model, pipeline_files
 

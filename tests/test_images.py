@@ -3,7 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_solid_images
+from helpers import write_solid_images
 from PIL import Image
 
 from raybooth.errors import RayboothError

@@ -11,27 +11,54 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import write_solid_images
-from test_worker import config
+from helpers import config, train_briefly, write_solid_images
 
 from raybooth.driver.launch import fit_interruptibly, fit_locally
 from raybooth.driver.preload import preload
 from raybooth.driver.runs import RunFolder
 from raybooth.errors import RayboothError
+from raybooth.train.losslog import LossLog
 from raybooth.train.preload import local_devices, preloaded_models
 
 
-def test_one_worker_on_a_ray_this_command_started_runs_in_its_process():
-    assert config().uses_local_mode(started_here=True)
-    assert not config().uses_local_mode(started_here=False)  # on a cluster this machine may have no GPU
-    assert not config(num_workers=2).uses_local_mode(started_here=True)
-    assert not config(max_failures=1).uses_local_mode(started_here=True)  # restarts need a worker process
-    assert not config(storage_path="s3://bucket/runs").uses_local_mode(started_here=True)
-    assert config(local_mode=True).uses_local_mode(started_here=False)
-    assert not config(local_mode=False).uses_local_mode(started_here=True)
+@pytest.fixture
+def steps_here(monkeypatch) -> list[int]:
+    """The training steps taken in this process. A Ray Train worker process imports the loop
+    afresh, without this spy: its steps are not counted."""
+    steps, add = [], LossLog.add
+
+    def counted(self, step, *rest):
+        steps.append(step)
+        return add(self, step, *rest)
+
+    monkeypatch.setattr(LossLog, "add", counted)
+    return steps
+
+
+def test_one_worker_on_a_ray_this_command_started_trains_in_its_process(
+        ray_cluster, tiny_model_dir, subject_dir, tmp_path, capsys, steps_here):
+    code, log, record = train_briefly(tiny_model_dir, subject_dir, tmp_path, capsys)
+    assert code == 0, log
+    assert "1 worker(s) on CPU in this process (Ray Train local mode)" in log
+    assert steps_here == [row["step"] for row in record["history"]] == [1, 2]
+
+
+def test_restarts_of_a_lost_worker_need_a_worker_process(ray_cluster, tiny_model_dir, subject_dir, tmp_path, capsys,
+                                                         steps_here):
+    # (--no_local_mode and --num_workers 2 train in worker processes too: tests/test_trainer.py.)
+    code, log, record = train_briefly(tiny_model_dir, subject_dir, tmp_path, capsys, "--max_failures", "1")
+    assert code == 0, log
+    assert "1 worker(s) on CPU\n" in log and "in this process" not in log
+    assert [row["step"] for row in record["history"]] == [1, 2] and steps_here == []  # trained, but elsewhere
+
+
+def test_local_mode_asked_for_with_an_option_that_needs_worker_processes_is_one_clear_error():
     with pytest.raises(RayboothError, match="--local_mode runs one worker in this process; it does not go with "
                                             "--num_workers above 1"):
         config(local_mode=True, num_workers=2).validate()
+
+
+def test_local_mode_trains_on_the_devices_a_worker_would_get():
     assert local_devices(use_gpu=True, gpus_per_worker=2) == ["cuda:0", "cuda:1"]
     assert local_devices(use_gpu=False, gpus_per_worker=0) == ["cpu"]
 
@@ -114,5 +141,5 @@ def test_the_models_load_before_ray_starts_where_the_run_will_be_in_local_mode(t
     # Ray saw other devices: the worker loads anew.
     assert preloaded_models(preload(config(use_gpu=False), tiny_model_dir, *no_images), elsewhere) is None
     assert preloaded_models(None, on_cpu) is None
-    with pytest.raises(OSError):  # a failed load fails where the worker takes the models (no model here)
+    with pytest.raises(RayboothError, match="does not exist"):  # a failed load fails where the worker takes the models
         preloaded_models(preload(config(use_gpu=False), tmp_path, *no_images), on_cpu)

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 from helpers import train_config
+from peft.tuners.lora import LoraLayer
 from PIL import Image
 from safetensors import safe_open
 
 import raybooth.driver.generation
-from raybooth.commands.cli import build_parser, config_from_args, main, run_settings
-from raybooth.config import TrainConfig
+from raybooth.commands.cli import build_parser, main, run_settings
 from raybooth.config.watch import LOGS_DIR, METRICS_FILE, REPORT_FILE
 from raybooth.driver.generation import ImageGenerator
 from raybooth.errors import RayboothError
@@ -27,6 +27,7 @@ from raybooth.files.names import image_name, image_seed
 from raybooth.models.loading import load_for_training
 from raybooth.models.lora import LORA_WEIGHTS, add_to_models
 from raybooth.models.output import LORA_SETTINGS, TRAINING_LOG, check_output_dir
+from raybooth.train.optim import build_optimization
 
 PROMPT = "a unqtkn toy car on the beach"
 STEPS = ["--num_inference_steps", "2"]
@@ -153,13 +154,37 @@ def test_an_adapter_folder_is_replaced_only_with_overwrite_and_only_when_it_is_o
         check_output_dir(folder, overwrite=True)
 
 
-def test_the_learning_rate_default_depends_on_use_lora_and_lora_flags_are_checked():
-    assert train_config().learning_rate() == 5e-6
-    assert train_config("--use_lora").learning_rate() == 1e-4
-    assert train_config("--use_lora", "--lr", "3e-4").learning_rate() == 3e-4 == train_config("--lr", "3e-4").lr
-    cfg = train_config("--use-lora", "--lora-rank", "8")
-    assert (cfg.lora_rank, cfg.adapter_alpha(), cfg.lora_text_encoder) == (8, 8, True)
-    assert train_config("--use_lora", "--lora_alpha", "16").adapter_alpha() == 16
+def trained_with(model_dir: Path, *flags: str):
+    """The tiny model as a worker sets it up for `raybooth train` with these flags, and its optimizer."""
+    cfg, cpu = train_config(*flags), torch.device("cpu")
+    models = load_for_training(model_dir, cpu, cpu, torch.float32, cfg.trains_text_encoder, lora=cfg.use_lora)
+    if cfg.use_lora:
+        add_to_models(models, cfg)
+    return models, build_optimization(models, cfg, total_steps=10).optimizer
+
+
+def adapter_scales(models) -> set[float]:
+    """By how much each LoRA layer scales its adapter's update (peft's alpha / rank)."""
+    return {scale for module in (models.unet, models.text_encoder) for layer in module.modules()
+            if isinstance(layer, LoraLayer) for scale in layer.scaling.values()}
+
+
+def test_adapters_train_at_a_larger_default_rate_than_full_fine_tuning_and_lr_sets_both(tiny_model_dir):
+    # LoRA adapters start at zero and need larger steps than the pretrained weights can take.
+    for flags, rate in [([], 5e-6), (["--use_lora"], 1e-4), (["--lr", "3e-4"], 3e-4),
+                        (["--use_lora", "--lr", "3e-4"], 3e-4)]:
+        _, optimizer = trained_with(tiny_model_dir, *flags)
+        assert [group["lr"] for group in optimizer.param_groups] == [rate, rate], flags  # UNet, text encoder
+
+
+def test_an_adapter_adds_its_whole_update_at_any_rank_unless_lora_alpha_scales_it(tiny_model_dir):
+    models, _ = trained_with(tiny_model_dir, "--use-lora", "--lora-rank", "8")
+    assert adapter_scales(models) == {1.0} and models.train_text_encoder  # alpha is the rank by default
+    models, _ = trained_with(tiny_model_dir, "--use_lora", "--lora_rank", "8", "--lora_alpha", "16")
+    assert adapter_scales(models) == {2.0}
+
+
+def test_lora_and_learning_rate_flags_are_checked():
     for flags, message in [(["--lr", "0"], "--lr must be positive"), (["--lr", "nan"], "--lr must be a finite"),
                            (["--use_lora", "--lora_rank", "0"], "--lora_rank must be at least 1"),
                            (["--use_lora", "--lora_alpha", "-1"], "--lora_alpha must be positive"),

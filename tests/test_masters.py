@@ -3,9 +3,8 @@ fp32 step on the same gradients, and checkpoints and the saved weights are the m
 
 import pytest
 import torch
+from helpers import config, fixed_batch, train_briefly, weights
 from safetensors.torch import load_file
-from test_training import fixed_batch
-from test_worker import config
 
 from raybooth.errors import RayboothError
 from raybooth.models.loading import load_for_training, save_trained_modules
@@ -116,19 +115,32 @@ def test_checkpoints_and_the_saved_weights_hold_the_masters(tiny_model_dir, tmp_
                for name, tensor in masters.items() if name.startswith("unet."))
 
 
-def test_bf16_gradients_are_on_by_default_with_several_workers_or_batch_4_where_nothing_rules_them_out():
-    assert config().uses_bf16_gradients("bf16", world_size=2)
-    assert not config().uses_bf16_gradients("bf16", world_size=1)  # one GPU at batch 1 keeps its lower peak memory
-    assert config(train_batch_size=4).uses_bf16_gradients("bf16", world_size=1)  # smaller there, and faster
-    assert not config(train_batch_size=4, use_ema=True).uses_bf16_gradients("bf16", world_size=1)
-    assert not config().uses_bf16_gradients("fp16", world_size=2)
-    assert not config(use_ema=True).uses_bf16_gradients("bf16", world_size=2)
-    assert not config(gradient_accumulation_steps=2).uses_bf16_gradients("bf16", world_size=2)
-    assert not config(gpus_per_worker=2).uses_bf16_gradients("bf16", world_size=2)
-    assert config(bf16_gradients=True).uses_bf16_gradients("bf16", world_size=1)
-    assert not config(bf16_gradients=False).uses_bf16_gradients("bf16", world_size=4)
-    with pytest.raises(RayboothError, match="needs bf16 mixed precision; this worker's is no"):
-        config(bf16_gradients=True).uses_bf16_gradients("no", world_size=2)
+@pytest.mark.parametrize("flags, precision, bf16_gradients", [
+    ([], "no", False),  # a CPU trains in full precision: there are no bf16 weights to train
+    (["--mixed_precision", "bf16", "--bf16_gradients"], "bf16", True),
+    (["--mixed_precision", "bf16", "--train_batch_size", "4"], "bf16", True),
+    (["--mixed_precision", "bf16", "--train_batch_size", "4", "--no_bf16_gradients"], "bf16", False),
+], ids=["cpu-default", "asked-for", "batch-4-default", "refused-at-batch-4"])
+def test_a_run_trains_bf16_weights_over_masters_as_its_flag_or_default_says_and_records_it(
+        ray_cluster, tiny_model_dir, subject_dir, tmp_path, capsys, flags, precision, bf16_gradients):
+    code, log, record = train_briefly(tiny_model_dir, subject_dir, tmp_path, capsys, *flags)
+    assert code == 0, log
+    assert (record["mixed_precision"], record["bf16_gradients"]) == (precision, bf16_gradients)
+    assert ("bf16 weights over fp32 masters" in log) == bf16_gradients  # the worker's set-up line
+    assert {tensor.dtype for tensor in weights(tmp_path / "tuned", "unet").values()} == {torch.float32}  # the masters
+
+
+def test_bf16_gradients_without_bf16_mixed_precision_fail_in_one_clear_line(ray_cluster, tiny_model_dir, subject_dir,
+                                                                             tmp_path, capsys):
+    code, log, _ = train_briefly(tiny_model_dir, subject_dir, tmp_path / "no", capsys, "--mixed_precision", "no",
+                                 "--bf16_gradients")
+    assert code == 1 and log.strip() == "raybooth: error: --bf16_gradients does not go with --mixed_precision no"
+    # --mixed_precision auto is full precision on a CPU, which only the worker knows.
+    code, log, _ = train_briefly(tiny_model_dir, subject_dir, tmp_path / "auto", capsys, "--bf16_gradients")
+    assert code == 1
+    assert log.strip().splitlines()[-1] == ("raybooth: error: --bf16_gradients needs bf16 mixed precision; "
+                                            "this worker's is no")
+    assert not (tmp_path / "no" / "tuned").exists() and not (tmp_path / "auto" / "tuned").exists()
 
 
 @pytest.mark.parametrize("clash, flag", [(dict(use_lora=True), "--use_lora"), (dict(use_ema=True), "--use_ema"),

@@ -16,6 +16,7 @@ from raybooth.models.output import (
     write_model_dir,
 )
 
+
 def test_a_hub_cache_folder_resolves_to_its_snapshot(tiny_model_dir, tmp_path):
     snapshot = as_hub_cache(tiny_model_dir, tmp_path)
     assert resolve_model_dir(snapshot) == snapshot

@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
+from helpers import config, fixed_batch, snapshot
 from safetensors.torch import load_file
-from test_training import fixed_batch, snapshot
-from test_worker import config
 
 from raybooth.errors import RayboothError
 from raybooth.models.loading import load_for_training, save_trained_modules

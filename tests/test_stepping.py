@@ -4,12 +4,12 @@ as a CUDA graph ran on an H100 only: bench/RESULTS.md.)"""
 
 import pytest
 import torch
-from test_training import fixed_batch
-from test_worker import config
+from helpers import config, fixed_batch
 
 from raybooth.models.loading import load_for_training
 from raybooth.models.lora import add_to_models
 from raybooth.train.optim import build_optimization
+from raybooth.train.policy import uses_channels_last, uses_cudnn_attention
 from raybooth.train.precision import Precision
 from raybooth.train.step import compiled_for_training, make_step
 
@@ -48,9 +48,9 @@ def test_a_compiled_step_trains_as_the_eager_step_does_and_leaves_the_modules_ea
 
 
 def test_compile_keeps_the_unet_contiguous_where_channels_last_would_be_the_default():
-    assert config().uses_channels_last("cuda", world_size=1)
-    assert not config(compile=True).uses_channels_last("cuda", world_size=1)  # measured contiguous
-    assert config(compile=True, channels_last=True).uses_channels_last("cuda", world_size=1)
+    assert uses_channels_last(config(), "cuda", world_size=1)
+    assert not uses_channels_last(config(compile=True), "cuda", world_size=1)  # measured contiguous
+    assert uses_channels_last(config(compile=True, channels_last=True), "cuda", world_size=1)
 
 
 def test_the_vae_encoder_is_compiled_only_for_a_step_that_encodes_images(tiny_model_dir):
@@ -63,11 +63,12 @@ def test_the_vae_encoder_is_compiled_only_for_a_step_that_encodes_images(tiny_mo
 
 
 def test_cudnn_attention_is_the_default_from_batch_4_or_with_compile_on_gpus():
-    assert not config().uses_cudnn_attention("cuda")  # batch 1: its plans would cost the first step more than it saves
-    assert config(train_batch_size=4).uses_cudnn_attention("cuda") and config(compile=True).uses_cudnn_attention("cuda")
-    assert not config(train_batch_size=4).uses_cudnn_attention("cpu")
-    assert config(cudnn_attention=True).uses_cudnn_attention("cuda")
-    assert not config(train_batch_size=32, cudnn_attention=False).uses_cudnn_attention("cuda")
+    assert not uses_cudnn_attention(config(), "cuda")  # batch 1: its plans would cost the first step more than it saves
+    assert uses_cudnn_attention(config(train_batch_size=4), "cuda")
+    assert uses_cudnn_attention(config(compile=True), "cuda")
+    assert not uses_cudnn_attention(config(train_batch_size=4), "cpu")
+    assert uses_cudnn_attention(config(cudnn_attention=True), "cuda")
+    assert not uses_cudnn_attention(config(train_batch_size=32, cudnn_attention=False), "cuda")
 
 
 @pytest.mark.parametrize("cudnn", [False, True], ids=["process-wide", "cudnn-first"])

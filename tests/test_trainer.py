@@ -12,18 +12,20 @@ import torch
 from diffusers import StableDiffusionPipeline
 from helpers import CLASS_PROMPT, INSTANCE_PROMPT, differs, train_args, weights, write_solid_images
 from PIL import Image
-from safetensors.torch import load_file
 
 from raybooth.commands.cli import main
 from raybooth.config import TrainConfig
 from raybooth.driver.plan import plan_class_images
 from raybooth.files.names import image_name, image_seed
 
-def test_train_on_two_workers_writes_a_pipeline_that_diffusers_loads(ray_cluster, tiny_model_dir, subject_dir, tmp_path):
+
+def test_train_on_two_workers_writes_a_pipeline_that_diffusers_loads(ray_cluster, tiny_model_dir, subject_dir, tmp_path,
+                                                                    capsys):
     output, class_dir = tmp_path / "tuned", tmp_path / "class"
     # Two CPU workers (DDP over gloo) wherever the suite runs: a one-GPU machine has no second GPU.
     assert main(train_args(tiny_model_dir, output, subject_dir, class_dir, "--num_workers", "2", "--no_use_gpu",
                            "--train_batch_size", "2", "--num_epochs", "3", "--lr", "1e-4")) == 0
+    assert "2 worker(s) on CPU\n" in capsys.readouterr().err  # in worker processes, not this one (local mode)
 
     # The workers topped the class folder up, two images each, with the model they then trained...
     assert sorted(p.name for p in class_dir.iterdir()) == [image_name(CLASS_PROMPT, i) for i in range(4)]
@@ -78,12 +80,14 @@ def test_a_worker_that_cannot_see_the_output_hands_its_weights_over_as_a_checkpo
     # Rank 0 writes straight into the output's partial folder only where it finds the driver's
     # token there (same node, or shared storage). A token of another name stands in for a worker
     # on another node: the weights then travel through Ray Train's storage.
-    monkeypatch.setattr("raybooth.train.plan.OUTPUT_TOKEN", ".elsewhere")  # the driver's, not the workers'
+    monkeypatch.setattr("raybooth.driver.training.OUTPUT_TOKEN", ".elsewhere")  # the driver's, not the workers'
     output, class_dir = tmp_path / "tuned", tmp_path / "class"
     write_solid_images(class_dir, (0, 0, 200), 4)
     assert main(train_args(tiny_model_dir, output, subject_dir, class_dir, "--max_train_steps", "3",
                            "--no_local_mode")) == 0  # a worker process: in local mode it is the driver
-    assert "taking the weights from its Ray Train checkpoint" in capsys.readouterr().err
+    log = capsys.readouterr().err
+    assert "taking the weights from its Ray Train checkpoint" in log
+    assert re.search(r"1 worker\(s\) on [CG]PU\n", log)  # not "in this process": local mode would be the default
     assert len(json.loads((output / "training_log.json").read_text())["history"]) == 3
     assert differs(weights(output, "unet"), weights(tiny_model_dir, "unet"))
     StableDiffusionPipeline.from_pretrained(output)

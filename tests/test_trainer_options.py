@@ -4,7 +4,7 @@ import json
 
 import torch
 from diffusers import StableDiffusionPipeline
-from test_trainer import differs, train_args, weights
+from helpers import differs, train_args, weights
 
 from raybooth.commands.cli import main
 

@@ -1,10 +1,9 @@
-import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
 from helpers import fixed_batch, fp32_models, snapshot
 
-from raybooth.models.loading import load_for_training, load_tokenizer, tokenize
+from raybooth.models.loading import load_for_training, load_tokenizer
 from raybooth.train.loss import (
     Batch,
     diffusion_target,

@@ -4,7 +4,7 @@ gradient accumulation, gradient checkpointing, prompts encoded once, the tokeniz
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from test_training import fixed_batch
+from helpers import fixed_batch
 
 from raybooth.models.loading import load_for_training, load_tokenizer, tokenize
 from raybooth.train.loss import Batch, dreambooth_loss, min_snr_weights, prior_preservation_loss

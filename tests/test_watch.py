@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import write_solid_images
+from helpers import write_solid_images
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -56,8 +56,8 @@ def test_lines_written_to_descriptor_2_past_python_go_to_the_file(tmp_path):
     pool): they go to the file, while Python's writes to sys.stderr, ours among them, still show."""
     script = f"""
 import os, sys
-from raybooth.log import log
-from raybooth.watch.raylog import restore_ray_output, send_ray_output
+from raybooth.terminal.log import log
+from raybooth.terminal.raylog import restore_ray_output, send_ray_output
 send_ray_output({str(tmp_path / "ray.log")!r}, verbose=False)
 os.write(2, b"E core_worker.cc:2465: Actor with class name\\n")
 log("made 1/2 images")

@@ -5,6 +5,7 @@ from raybooth.terminal.log import clock_start
 from raybooth.train.loss import Loss
 from raybooth.train.losslog import LossLog
 from raybooth.train.plan import TrainPlan
+from raybooth.train.policy import uses_channels_last
 
 
 def plan(pairs_per_worker: int, **settings) -> TrainPlan:
@@ -37,10 +38,10 @@ def test_loss_log_keeps_every_step_and_reports_the_window_mean():
 
 
 def test_the_unet_is_channels_last_by_default_on_one_gpu_at_batch_1_for_full_fine_tuning():
-    assert config().uses_channels_last("cuda", world_size=1)
-    assert not config().uses_channels_last("cpu", world_size=1)  # the CPU path stays as it was
-    assert not config(train_batch_size=4).uses_channels_last("cuda", world_size=1)  # measured slower at 4+4
-    assert not config(use_lora=True).uses_channels_last("cuda", world_size=1)
-    assert not config().uses_channels_last("cuda", world_size=2)  # not measured under DDP
-    assert config(channels_last=True).uses_channels_last("cpu", world_size=2)
-    assert not config(channels_last=False).uses_channels_last("cuda", world_size=1)
+    assert uses_channels_last(config(), "cuda", world_size=1)
+    assert not uses_channels_last(config(), "cpu", world_size=1)  # the CPU path stays as it was
+    assert not uses_channels_last(config(train_batch_size=4), "cuda", world_size=1)  # measured slower at 4+4
+    assert not uses_channels_last(config(use_lora=True), "cuda", world_size=1)
+    assert not uses_channels_last(config(), "cuda", world_size=2)  # not measured under DDP
+    assert uses_channels_last(config(channels_last=True), "cpu", world_size=2)
+    assert not uses_channels_last(config(channels_last=False), "cuda", world_size=1)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import dataclasses
 import os
+import signal
 import sys
 import threading
 import types
@@ -15,15 +17,8 @@ from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from raybooth import __version__
-from raybooth.config import (
-    RUN_DERIVED_TRAIN_FIELDS,
-    CacheConfig,
-    GenerateConfig,
-    MergeLoraConfig,
-    RunConfig,
-    TinyModelConfig,
-    TrainConfig,
-)
+from raybooth.config import (RUN_DERIVED_TRAIN_FIELDS, CacheConfig, GenerateConfig, MergeLoraConfig, RunConfig,
+                             TinyModelConfig, TrainConfig)
 from raybooth.config.evaluate import EvaluateConfig
 from raybooth.config.yaml_file import CONFIG_FILE_HELP, apply_config_file
 from raybooth.errors import RayboothError
@@ -199,15 +194,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RayboothError as error:  # a --config file that does not fit
         print(f"raybooth: error: {error}", file=sys.stderr)
         return 1
+    from raybooth.driver.launch import stop_as_by_ctrl_c
+
+    stops = stop_as_by_ctrl_c()
     try:
         COMMANDS[args.command][0](args)
     except RayboothError as error:
         print(f"raybooth: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("raybooth: interrupted", file=sys.stderr)
-        return 130
+        if stops["signal"] is None:
+            print("raybooth: interrupted", file=sys.stderr)
+            return 130
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+            print(f"raybooth: stopped by {signal.Signals(stops['signal']).name}", file=sys.stderr)
+        return 128 + stops["signal"]
     finally:
+        for number, handler in stops["before"].items():
+            signal.signal(number, handler)
         restore_ray_output()  # in a process that goes on (tests), the next command routes its own
     return 0
 
@@ -216,11 +220,15 @@ def run() -> NoReturn:
     """The `raybooth` command: `main()`, then a quick exit. Python's own exit would then take each
     module apart (torch, diffusers, Ray's core): 1.1 s on the 2-core CPU machine after the work is
     done and written (bench/RESULTS.md). What that exit does first is done here too: other threads
-    finish, the exit hooks run (Ray's shutdown among them), the output is flushed."""
+    finish, raybooth's writer threads too (daemons), the exit hooks run (Ray's shutdown among
+    them), the output is flushed."""
+    from raybooth.driver.launch import finish_writes
+
     code = main()
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
+    finish_writes()
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -5,17 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from raybooth.config.fields import (
-    DTYPES,
-    SAMPLER_HELP,
-    SAMPLERS,
-    STEPS_HELP,
-    check_prompts_given,
-    finite,
-    given,
-    option,
-    positive,
-)
+from raybooth.config.fields import (DTYPES, SAMPLER_HELP, SAMPLERS, STEPS_HELP, check_prompts_given, finite, given,
+                                    option, positive)
 from raybooth.config.watch import VERBOSE_HELP
 from raybooth.errors import RayboothError
 

@@ -5,21 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from raybooth.config.fields import (
-    DDP_BUCKET_MB,
-    FULL_DEFAULT_LR,
-    LORA_DEFAULT_LR,
-    LORA_DEFAULT_RANK,
-    PRECISIONS,
-    SAMPLER_HELP,
-    SAMPLERS,
-    STEPS_HELP,
-    check_prompts_given,
-    finite,
-    given,
-    option,
-    positive,
-)
+from raybooth.config.fields import (DDP_BUCKET_MB, FULL_DEFAULT_LR, LORA_DEFAULT_LR, LORA_DEFAULT_RANK, PRECISIONS,
+                                    SAMPLER_HELP, SAMPLERS, STEPS_HELP, check_prompts_given, finite, given, option,
+                                    positive)
 from raybooth.config.optimization import ExampleOptions, OptimizationOptions
 from raybooth.config.watch import WatchOptions
 from raybooth.errors import RayboothError

@@ -6,18 +6,20 @@ import atexit
 import logging
 import math
 import os
+import signal
 import socket
 import sys
+import threading
+from contextlib import contextmanager, nullcontext
 
+from raybooth.driver.address import check_reachable
 from raybooth.errors import RayboothError
 from raybooth.terminal.log import log
 from raybooth.terminal.raylog import take_over_forwarded_output
 
 GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"  # read by Ray when it starts a head node
-
-
 PRESTART_VARIABLE = "RAY_prestart_worker_first_driver"  # Ray's setting: an idle worker per CPU for the first driver
-
+LOOPBACK_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's: "0" has "localhost" mean 127.0.0.1, not the node's IP
 
 _started_here = False  # whether this process started the Ray instance it uses (a fixed-size one)
 
@@ -38,10 +40,16 @@ def connect(address: str | None = None, verbose: bool = False) -> None:
         # Workers log errors only: without Ray's dashboard, Ray Train's placement group cleaner
         # warns every second that it cannot reach the state API, burying our progress lines.
         quiet = dict(logging_level=logging.WARNING, logging_config=ray.LoggingConfig(encoding="TEXT", log_level="ERROR"))
+        handler = signal.getsignal(signal.SIGTERM)
         if target:
-            ray.init(address=target, runtime_env={"env_vars": forwarded_environment()}, **quiet)
+            loopback = check_reachable(target, "--address" if address else "RAY_ADDRESS")
+            with localhost_is_loopback() if loopback else nullcontext():
+                ray.init(address=target, runtime_env={"env_vars": forwarded_environment()}, **quiet)
         else:
             start_local_ray(**quiet)
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            # ray.init set one that exits there and then (the training thread aborts in Ray's C++): the command's back
+            signal.signal(signal.SIGTERM, handler)
         _started_here = not target
         resources = ray.cluster_resources()
         where = f"attached to the Ray cluster at {target}" if target else "started Ray on this machine"
@@ -66,18 +74,20 @@ def start_local_ray(**options) -> None:
 
     Nor does Ray start an idle worker per CPU when this process attaches (unless the user sets
     PRESTART_VARIABLE): on an H100 machine of 16 CPUs those 16 processes slowed Ray's own start
-    and the models' load beside it; the few tasks of a local-mode run start the workers they need."""
+    and the models' load beside it; the few tasks of a local-mode run start the workers they need.
+    It listens on loopback alone (GCS, raylet, workers): no other machine can reach it. No dashboard."""
     import ray
 
     with socket.socket() as probe:  # a free port; Ray takes it a moment later
-        probe.bind(("", 0))
+        probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    inherited = {GCS_PORT_VARIABLE: str(port), "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}",
-                 PRESTART_VARIABLE: os.environ.get(PRESTART_VARIABLE, "0")}
+    inherited = {GCS_PORT_VARIABLE: str(port), "RAY_ADDRESS": f"127.0.0.1:{port}",
+                 PRESTART_VARIABLE: os.environ.get(PRESTART_VARIABLE, "0"), LOOPBACK_VARIABLE: "0"}
     before = {name: os.environ.get(name) for name in inherited}
     os.environ.update(inherited)
     try:
-        ray.init(address="local", **options)
+        with localhost_is_loopback():
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **options)
     finally:  # this process's own environment as it was: a later connect() must not take RAY_ADDRESS for a cluster
         for name, value in before.items():
             if value is None:
@@ -86,6 +96,20 @@ def start_local_ray(**options) -> None:
                 os.environ[name] = value
     atexit.unregister(stop_local_ray)
     atexit.register(stop_local_ray)  # runs before Ray's own exit hook, registered when Ray was imported
+
+
+@contextmanager
+def localhost_is_loopback():
+    """Ray's servers listen on 127.0.0.1 alone where the node's IP is that (else on every interface),
+    but ray.init makes a node IP of 127.0.0.1 the machine's own address unless Ray's constant says
+    clusters are off (as on macOS): Ray's processes read it from LOOPBACK_VARIABLE, this one has."""
+    from ray._private import ray_constants
+
+    enabled, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = enabled
 
 
 def stop_local_ray() -> None:
@@ -119,8 +143,7 @@ def start_autoscaling_coordinator() -> None:
     to the time-out. Starting it now, in the background, has it ready by then."""
     try:
         from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-            get_or_create_autoscaling_coordinator,
-        )
+            get_or_create_autoscaling_coordinator)
     except ImportError:  # an internal of Ray's that may move; without it a run is only slower
         return
     get_or_create_autoscaling_coordinator()

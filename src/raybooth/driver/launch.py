@@ -4,13 +4,17 @@ command's own process. A worker process costs 11-16 s on an H100 before the loop
 Train's controller and worker actors, each a fresh process importing torch, and its process
 group); local mode skips all of it (bench/RESULTS.md). What Ray Train's workers give besides,
 restarts after a failure and checkpoints on remote storage, needs them
-(TrainConfig.local_mode_blocker). This module imports no torch until called."""
+(TrainConfig.local_mode_blocker). How a command stops is here too: Ctrl-C, and the signals
+that stop it as Ctrl-C does; writes left going as it ends. This module imports no torch until called."""
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import signal
+import sys
 import threading
+import time
 import traceback
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
@@ -129,3 +133,53 @@ def interrupt(thread: threading.Thread, done: threading.Event, timeout_s: float 
     is `done`. It is raised at the thread's next Python instruction: work queued on a GPU finishes first."""
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(KeyboardInterrupt))
     done.wait(timeout_s)
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal, raised as Ctrl-C's KeyboardInterrupt is, so that Ctrl-C's clean-up runs."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # schedulers' stop (Slurm, Kubernetes, systemd, docker); terminal closed
+
+
+def stop_as_by_ctrl_c() -> dict:
+    """Have STOP_SIGNALS stop the command as Ctrl-C does (no signal left ignored, as nohup leaves
+    SIGHUP, and only on the main thread). Ray's own SIGTERM handler would exit at once, the
+    training thread aborting inside Ray's C++ (driver/cluster.py puts this one back). A repeat is
+    ignored: it must not cut the clean-up short. Returns the handlers to restore, and the signal."""
+    state: dict = {"signal": None, "before": {}}
+    if threading.current_thread() is not threading.main_thread():
+        return state
+
+    def stop(signum, frame):
+        state["signal"] = signum
+        for number in state["before"]:
+            signal.signal(number, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    for number in STOP_SIGNALS:
+        if signal.getsignal(number) == signal.SIG_DFL:
+            state["before"][number] = signal.signal(number, stop)
+    return state
+
+
+# raybooth's daemon threads that write (train/checkpoint_writer.py's), and what each writes
+WRITER_THREADS = {"raybooth-checkpoint": "a checkpoint"}
+WRITES_WAIT_S = 600.0  # at most, for writes still going when the command ends
+
+
+def finish_writes() -> None:
+    """Wait for raybooth's writer threads (daemons: Python's exit would not), up to WRITES_WAIT_S;
+    one line says what was lost where one does not finish."""
+    timeout_s = WRITES_WAIT_S
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        what = WRITER_THREADS.get(thread.name) if thread.daemon else None
+        if what is None:
+            continue
+        thread.join(min(2.0, timeout_s))
+        if thread.is_alive():
+            print(f"raybooth: waiting for {what} being written (up to {timeout_s:g} s)", file=sys.stderr)
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            print(f"raybooth: {what} being written did not finish in {timeout_s:g} s: it is lost", file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
@@ -53,9 +54,12 @@ def local_device(cfg: GenerateConfig, images: int) -> str | None:
 
 def png_writers(device: str) -> ProcessPoolExecutor:
     """Processes that encode and write PNGs, started now (each imports numpy and Pillow only) so
-    that they are up by the first batch. Spawned, not forked: this process may hold a CUDA context."""
+    that they are up by the first batch. Spawned, not forked: this process may hold a CUDA context.
+    They ignore Ctrl-C, which a terminal sends to each of the command's processes: the writes in
+    flight finish, and the pool's shutdown, as the command stops, waits for them."""
     count = PNG_WRITERS_ON_GPU if device == "cuda" else 1
-    pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"), initializer=signal.signal,
+                               initargs=(signal.SIGINT, signal.SIG_IGN))
     for _ in range(count):
         pool.submit(write_pngs, "", [], [])  # writes nothing; starts a process
     return pool

@@ -133,3 +133,16 @@ def make_plan(cfg: TrainConfig, inputs: Inputs, class_entries: list[dict], sampl
         local_devices=local_devices(use_gpu, gpus_per_worker) if local else None,
         local_run_dir=run.local_path if local else None, use_gpu=use_gpu, gpus_per_worker=gpus_per_worker,
         instance_paths=[str(path) for path in inputs.instance_paths])
+
+
+def step_cap(plan: TrainPlan) -> str | None:
+    """The line that says why a run takes fewer steps than --max_train_steps: --num_epochs ends it
+    first (both bound it, as in the original DreamBooth scripts), which a user who asked for 400
+    steps and got 16 would not guess."""
+    cfg, steps = plan.config, plan.total_steps()
+    if steps >= cfg.max_train_steps:
+        return None
+    per_epoch = steps // cfg.num_epochs  # whole: fewer steps than the most means every epoch ran
+    return (f"{steps} steps, not --max_train_steps {cfg.max_train_steps}: --num_epochs {cfg.num_epochs} passes over "
+            f"{plan.pairs_per_worker} pairs per worker end first; --num_epochs "
+            f"{math.ceil(cfg.max_train_steps / per_epoch)} would take all {cfg.max_train_steps}")

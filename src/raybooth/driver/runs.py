@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from raybooth.errors import RayboothError
-from raybooth.files.checkpoints import STATE, check_settings, latest_checkpoint, read_state, run_name
+from raybooth.files.checkpoints import (STATE, changed_flags, check_settings, is_complete, latest_checkpoint,
+                                        read_state, resumable_flags, run_name, torn_checkpoints)
 from raybooth.terminal.log import log
 
 DEFAULT_STORAGE = "~/ray_results"  # Ray Train's own default, made explicit so both sides agree
@@ -29,6 +30,7 @@ class RunFolder:
         self.storage = absolute_storage_path(cfg.storage_path)
         self.name = run_name(cfg.output_dir)
         self.error_log: Path | None = None
+        self.cfg = cfg
 
     @property
     def local_path(self) -> Path | None:
@@ -44,20 +46,34 @@ class RunFolder:
             return None
         if mode == "latest":
             latest = latest_checkpoint(self.local_path) if self.local_path else None
+            for torn in torn_checkpoints(self.local_path) if self.local_path else []:
+                if latest is None or torn.name > latest.name:
+                    log(f"skipping the checkpoint {torn.name}: its write was cut short (files missing)")
             if latest is None:
                 return None
             check_settings(latest, settings)
             log(f"an earlier run of this command left a checkpoint at step {read_state(latest)['step']}: resuming "
                 "from it (--resume_from_checkpoint none starts over)")
+            self.say_changed(latest)
             return str(latest)
         folder = Path(mode).expanduser().absolute()
         if not (folder / STATE).is_file():
             raise RayboothError(f"--resume_from_checkpoint {mode}: not a raybooth checkpoint folder (it has no {STATE})")
+        read_state(folder)  # a damaged state is named as such
+        if not is_complete(folder):
+            raise RayboothError(f"--resume_from_checkpoint {mode}: the checkpoint is incomplete (its write was cut "
+                                "short); pass an earlier one")
         check_settings(folder, settings)
         # A run of its own: the latest checkpoint of this output's usual run would take precedence.
         self.name += "-from-" + hashlib.sha1(str(folder).encode()).hexdigest()[:8]
         log(f"resuming from the checkpoint at step {read_state(folder)['step']} in {folder}")
+        self.say_changed(folder)
         return str(folder)
+
+    def say_changed(self, checkpoint: Path) -> None:
+        changed = changed_flags(checkpoint, resumable_flags(self.cfg))
+        if changed:
+            log(f"resuming with changed settings, which take effect now: {', '.join(changed)}")
 
     def remove(self, result) -> None:
         """The finished run's folder: Ray Train's (`result.path`), or local mode's, which holds

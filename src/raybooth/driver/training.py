@@ -13,11 +13,12 @@ from pathlib import Path
 from raybooth.config import TrainConfig
 from raybooth.driver.cluster import connect
 from raybooth.driver.datasets import datasets
-from raybooth.driver.launch import fit
-from raybooth.driver.plan import check_inputs, class_dir, make_plan, plan_class_images
+from raybooth.driver.launch import finish_writes, fit
+from raybooth.driver.plan import Inputs, check_inputs, class_dir, make_plan, plan_class_images, step_cap
 from raybooth.driver.preload import preload
 from raybooth.driver.runs import RunFolder
 from raybooth.errors import RayboothError
+from raybooth.files.lock import output_lock
 from raybooth.generate.sample_plans import SampleSet, plan_sample_set
 from raybooth.models.output import TRAINING_LOG, copy_base_components, copy_trained, finish_model_dir, start_model_dir
 from raybooth.terminal.log import log
@@ -33,6 +34,20 @@ def train(cfg: TrainConfig, extra_samples: tuple[SampleSet, ...] = ()) -> Path:
     also make `cfg.sample_prompts`' samples after training, and `extra_samples`."""
     started = time.time()
     inputs = check_inputs(cfg)  # before Ray: bad input costs seconds
+    with output_lock(cfg.output_dir):  # before anything is written: one run per output at a time
+        output_dir = train_locked(cfg, inputs, extra_samples, started)
+    summarize(json.loads((output_dir / TRAINING_LOG).read_text())["history"])
+    if cfg.use_lora:
+        log(f"wrote the LoRA adapter to {output_dir}; apply it to {inputs.model_dir} with `raybooth generate "
+            f"--model_dir {inputs.model_dir} --lora_weights_dir {output_dir}` (or `raybooth merge-lora` for a full "
+            "pipeline)")
+    else:
+        log(f"wrote the fine-tuned pipeline to {output_dir}")
+    return output_dir
+
+
+def train_locked(cfg: TrainConfig, inputs: Inputs, extra_samples: tuple[SampleSet, ...], started: float) -> Path:
+    """`train` once the output is ours: train into the partial folder, then place it."""
     run = RunFolder(cfg)
     resume_from = run.plan_resume(cfg.resume_from_checkpoint, inputs.settings)
     partial = start_output(cfg)
@@ -57,26 +72,32 @@ def train(cfg: TrainConfig, extra_samples: tuple[SampleSet, ...] = ()) -> Path:
             with result.checkpoint.as_directory() as trained:
                 copy_trained(Path(trained), partial)
         (partial / OUTPUT_TOKEN).unlink()
-        report_run(cfg, logs, partial, inputs.instance_paths, main_samples.paths() if main_samples else [], started)
-        output_dir = finish_model_dir(partial, cfg.output_dir)
-        run.remove(result)  # nothing in the run folder is needed now
     except BaseException as error:
         shutil.rmtree(partial, ignore_errors=True)
         if isinstance(error, KeyboardInterrupt):  # stop the workers before their run folder goes
             import ray
 
             ray.shutdown()
+        finish_writes()  # a checkpoint still being written is whole before the run folder is judged
         run.after_failure(interrupted=isinstance(error, KeyboardInterrupt))
         if class_dir_is_new and class_dir(cfg).is_dir() and not any(class_dir(cfg).iterdir()):
             class_dir(cfg).rmdir()  # made for this run, and nothing was put in it
         raise
-    summarize(json.loads((output_dir / TRAINING_LOG).read_text())["history"])
-    if cfg.use_lora:
-        log(f"wrote the LoRA adapter to {output_dir}; apply it to {inputs.model_dir} with `raybooth generate "
-            f"--model_dir {inputs.model_dir} --lora_weights_dir {output_dir}` (or `raybooth merge-lora` for a full "
-            "pipeline)")
-    else:
-        log(f"wrote the fine-tuned pipeline to {output_dir}")
+    # The partial folder holds the trained weights now: whatever fails from here on keeps it, and
+    # Ray Train's run folder with the logs that may not have moved yet.
+    try:
+        report_run(cfg, logs, partial, inputs.instance_paths, main_samples.paths() if main_samples else [], started)
+        output_dir = finish_model_dir(partial, cfg.output_dir)
+    except BaseException as error:
+        interrupted = isinstance(error, KeyboardInterrupt)
+        what = "was interrupted" if interrupted else f"failed ({type(error).__name__}: {error})"
+        kept = (f"training finished, but placing the output {what}; the trained model is kept in {partial}: move it "
+                f"to {Path(cfg.output_dir).expanduser().absolute()} yourself, or train again")
+        if interrupted:
+            log(kept)
+            raise
+        raise RayboothError(kept) from error
+    run.remove(result)  # nothing in the run folder is needed now
     return output_dir
 
 
@@ -93,6 +114,9 @@ def launch(plan: TrainPlan, preloaded: Preloaded | None, run: RunFolder, class_e
     log(f"fine-tuning {plan.model_dir} on {len(plan.instance_paths)} instance and {len(class_entries)} class images "
         f"({to_make} to generate first) at {plan.resolution} px, {cfg.num_workers} worker(s) on "
         f"{'GPU' if plan.use_gpu else 'CPU'}{' in this process (Ray Train local mode)' if plan.local else ''}")
+    cap = step_cap(plan)
+    if cap:
+        log(cap)
     images = ({} if plan.local and preloaded  # read already
               else datasets([Path(path) for path in plan.instance_paths], plan.class_shares, plan.resolution))
     result = fit(plan, images, run, preloaded)
@@ -102,7 +126,16 @@ def launch(plan: TrainPlan, preloaded: Preloaded | None, run: RunFolder, class_e
 
 def start_output(cfg: TrainConfig) -> Path:
     """The output's partial folder, made now: an output that cannot be written is found out before
-    training, not after."""
+    training, not after. Partial folders that a killed run left beside the output go first (with
+    the lock held no other run writes there), except one that holds finished weights."""
+    output = Path(cfg.output_dir).expanduser().absolute()
+    for stale in sorted(output.parent.glob(f".{output.name}.partial-*")) if output.parent.is_dir() else []:
+        if (stale / TRAINING_LOG).exists():
+            log(f"an earlier run's finished model is still in {stale} (it could not be placed): move it out, or "
+                "delete it")
+            continue
+        log(f"removing {stale}, left half-written by an earlier run that was killed")
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         return start_model_dir(cfg.output_dir, cfg.overwrite)
     except OSError as error:

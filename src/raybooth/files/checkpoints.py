@@ -27,20 +27,58 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:07d}"
 
 
+# Each of `raybooth train`'s settings either belongs to a checkpoint's fingerprint, and a resume
+# under another value is refused (it would train another model, or the restored optimizer would
+# silently keep the old value), or takes effect when the run resumes, and is logged as changed.
+# tests/test_resume_settings.py fails on a setting in neither list.
+FINGERPRINT_FIELDS = (
+    "model_dir", "instance_images_dir", "instance_prompt", "class_images_dir", "class_prompt", "num_class_images",
+    "num_workers", "train_batch_size", "seed", "train_text_encoder",  # the data stream and what trains
+    "use_lora", "lora_rank", "lora_alpha", "lora_text_encoder",
+    # A step's meaning, the optimizer's and schedule's state (restored with the old values), the prompts' ids:
+    "lr", "text_encoder_lr", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
+    "gradient_accumulation_steps", "use_8bit_adam", "use_ema", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles",
+    "lr_power", "scale_lr", "train_text_encoder_steps", "center_crop", "random_flip", "tokenizer_max_length",
+    "resolution")
+TAKES_EFFECT_ON_RESUME = (
+    # How long, and the loss's terms: read afresh each step.
+    "num_epochs", "max_train_steps", "prior_loss_weight", "max_grad_norm", "offset_noise", "snr_gamma", "class_noun",
+    # How the same steps are computed: precision, devices and the speed levers.
+    "mixed_precision", "use_gpu", "gpus_per_worker", "placement_strategy", "ddp_bucket_mb", "bf16_gradients",
+    "channels_last", "cudnn_attention", "cuda_graphs", "compile", "gradient_checkpointing",
+    "pre_compute_text_embeddings",
+    # Where things go and what is watched: the cluster, checkpoints, reports, samples, logs.
+    "output_dir", "address", "storage_path", "checkpointing_steps", "checkpoints_total_limit", "max_failures",
+    "local_mode", "overwrite", "report_every_n_steps", "verbose", "report_to", "logging_dir", "validation_prompt",
+    "validation_steps", "num_validation_images", "validation_inference_steps", "sample_batch_size", "sampler",
+    "num_inference_steps", "guidance_scale", "sample_prompts", "num_samples_per_prompt", "samples_dir",
+    "resume_from_checkpoint")  # how to resume: never logged as a change
+
+
 def fingerprint(cfg, resolution: int) -> dict:
-    """The settings a checkpoint only fits: resuming under others would train another model."""
-    return {"model_dir": str(cfg.model_dir), "instance_prompt": cfg.instance_prompt, "class_prompt": cfg.class_prompt,
-            "num_workers": cfg.num_workers, "train_batch_size": cfg.train_batch_size, "resolution": resolution,
-            "seed": cfg.seed, "train_text_encoder": cfg.train_text_encoder,
-            "use_lora": cfg.use_lora, "lora_rank": cfg.lora_rank if cfg.use_lora else None,
-            "lora_alpha": cfg.adapter_alpha() if cfg.use_lora else None,
-            "lora_text_encoder": cfg.lora_text_encoder if cfg.use_lora else None,
-            # A step's meaning, the data stream, the optimizer's and schedule's state, the prompts' ids:
-            "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "use_8bit_adam": cfg.use_8bit_adam,
-            "use_ema": cfg.use_ema, "lr_scheduler": cfg.lr_scheduler, "lr_warmup_steps": cfg.lr_warmup_steps,
-            "lr_num_cycles": cfg.lr_num_cycles, "lr_power": cfg.lr_power, "scale_lr": cfg.scale_lr,
-            "train_text_encoder_steps": cfg.train_text_encoder_steps, "center_crop": cfg.center_crop,
-            "random_flip": cfg.random_flip, "tokenizer_max_length": cfg.tokenizer_max_length}
+    """The settings a checkpoint only fits, as the run resolved them (the learning rate's and
+    LoRA alpha's defaults, the resolution, absolute folders)."""
+    resolved = {"model_dir": str(cfg.model_dir), "lr": cfg.learning_rate(), "resolution": resolution,
+                "lora_alpha": cfg.adapter_alpha() if cfg.use_lora else None,
+                "lora_rank": cfg.lora_rank if cfg.use_lora else None,
+                "lora_text_encoder": cfg.lora_text_encoder if cfg.use_lora else None,
+                **{name: str(Path(getattr(cfg, name)).expanduser().absolute())
+                   for name in ("instance_images_dir", "class_images_dir")}}
+    return {name: resolved[name] if name in resolved else getattr(cfg, name) for name in FINGERPRINT_FIELDS}
+
+
+def resumable_flags(cfg) -> dict:
+    """The settings that take effect on resume, as this run has them (JSON-ready), so that a
+    resumed run can say which of them changed."""
+    return {name: json.loads(json.dumps(getattr(cfg, name), default=str)) for name in TAKES_EFFECT_ON_RESUME
+            if name != "resume_from_checkpoint"}
+
+
+def changed_flags(folder: Path, flags: dict) -> list[str]:
+    """`--name old -> new` for each resumable setting the checkpoint's run had otherwise."""
+    saved = (read_state(folder) or {}).get("flags") or {}
+    return [f"--{name} {saved[name]} -> {value}" for name, value in flags.items()
+            if name in saved and saved[name] != value]
 
 
 def run_name(output_dir: Path) -> str:
@@ -53,20 +91,35 @@ def read_state(folder: Path) -> dict | None:
     """The checkpoint's step, history and settings; None for a folder that holds only final
     weights (the last report of a finished run)."""
     path = Path(folder) / STATE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RayboothError(f"checkpoint state {path} is not valid JSON ({error}): the checkpoint is damaged; "
+                            "pass another one, or --resume_from_checkpoint none to start over") from None
 
 
 def check_settings(folder: Path, settings: dict) -> None:
+    """Refuse a checkpoint whose run had other fingerprint settings, naming the flags. One written
+    by an earlier raybooth records fewer; those it records must match."""
     saved = (read_state(folder) or {}).get("settings", settings)
-    changed = sorted(name for name in settings if saved.get(name) != settings[name])
+    changed = sorted(name for name in settings if name in saved and saved[name] != settings[name])
     if changed:
-        raise RayboothError(f"the checkpoint in {folder} comes from a run with other settings ({', '.join(changed)}); "
-                            "pass --resume_from_checkpoint none to start over")
+        flags = ", ".join(f"--{name} {saved[name]} -> {settings[name]}" for name in changed)
+        raise RayboothError(f"the checkpoint in {folder} comes from a run with other settings ({flags}), which a "
+                            "resumed run cannot change; use the checkpoint's, or pass --resume_from_checkpoint none "
+                            "to start over")
 
 
 def is_complete(folder: Path) -> bool:
-    """Whether every file of the checkpoint is there (an upload cut short leaves some out)."""
-    state = read_state(folder)
+    """Whether every file of the checkpoint is there. Each file is written whole under a temporary
+    name and renamed (train/checkpoints.py), the state last by rank 0: a write cut short at any
+    moment leaves files out, never half a file."""
+    try:
+        state = read_state(folder)
+    except RayboothError:
+        return False
     if state is None:
         return False
     ranks = [f"rng-{rank}.pt" for rank in range(state["settings"]["num_workers"])]
@@ -76,6 +129,11 @@ def is_complete(folder: Path) -> bool:
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """The complete checkpoint folders in a local run folder, oldest first."""
     return sorted(p.parent for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*/{STATE}") if is_complete(p.parent))
+
+
+def torn_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders in a local run folder that some write left incomplete."""
+    return sorted(p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and not is_complete(p))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -9,6 +9,7 @@ object store's round trip took 5.4-5.9 s on an H100 machine (bench/RESULTS.md)."
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -56,9 +57,11 @@ def find_images(folder: Path, role: str, may_be_empty: bool = False, resolution:
     if not folder.is_dir():
         raise RayboothError(f"{role} folder {folder} is not a folder")
     try:
-        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     except PermissionError:
         raise RayboothError(f"{role} folder {folder} cannot be read (permission denied)") from None
+    check_links(entries)
+    files = [p for p in entries if p.is_file()]
     strangers = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
     if strangers:
         raise RayboothError(f"{role} folder {folder} holds files that are not images: {', '.join(strangers[:5])}"
@@ -76,6 +79,20 @@ def find_images(folder: Path, role: str, may_be_empty: bool = False, resolution:
             log(f"warning: {path} is {size[0]}x{size[1]}, smaller than the training resolution of {resolution} px; "
                 "it will be scaled up (blurrier)")
     return files
+
+
+def check_links(paths: list[Path]) -> None:
+    """A photo that is a broken symbolic link (its target gone, or a loop) is an error, as an
+    unreadable photo is, rather than a file silently left out."""
+    for path in paths:
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_symlink() and not path.exists():
+            try:
+                os.stat(path)
+                continue  # appeared meanwhile
+            except OSError as error:
+                what = ("a symbolic link in a loop" if error.errno == errno.ELOOP
+                        else f"a symbolic link to {os.readlink(path)}, which does not exist")
+            raise RayboothError(f"{path} is {what}; fix the link or remove it")
 
 
 def check_image(path: Path) -> tuple[tuple[int, int], bool]:

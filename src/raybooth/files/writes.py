@@ -1,11 +1,14 @@
-"""Writes that land whole or not at all: a file through a hidden partial name and a rename, and a
+"""Writes that land whole or not at all: a file through a hidden partial name and a rename, a
 PNG encoded to bytes first, so that an interrupted run never leaves a broken image that a re-run
-would count as done."""
+would count as done; and moves that work across filesystems, landing whole all the same."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 
@@ -21,3 +24,40 @@ def write_atomically(path: Path, data: bytes) -> None:
     partial = path.with_name(f".{path.name}.partial")
     partial.write_bytes(data)
     os.replace(partial, path)
+
+
+def move(source: Path, target: Path) -> None:
+    """Move a file or folder to `target` (which must not exist), as a rename does, also where the
+    two are on different filesystems (a tmpfs /tmp and a disk), where a rename fails with EXDEV:
+    then it is copied to a hidden name beside `target`, renamed into place whole, and only then is
+    `source` removed. Symbolic links are copied as links, as a rename keeps them, never followed."""
+    source, target = Path(source), Path(target)
+    try:
+        os.rename(source, target)
+        return
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            raise
+    partial = target.with_name(f".{target.name}.moving-{uuid.uuid4().hex[:8]}")
+    folder = source.is_dir() and not source.is_symlink()
+    try:
+        if folder:
+            shutil.copytree(source, partial, symlinks=True)
+        else:
+            shutil.copy2(source, partial, follow_symlinks=False)
+        os.rename(partial, target)  # within the target's filesystem: whole or not at all
+    except BaseException:
+        remove(partial)
+        raise
+    if folder:
+        shutil.rmtree(source)
+    else:
+        source.unlink()
+
+
+def remove(path: Path) -> None:
+    """A file, link or folder gone, if it is there."""
+    if Path(path).is_dir() and not Path(path).is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        Path(path).unlink(missing_ok=True)

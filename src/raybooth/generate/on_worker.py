@@ -5,7 +5,7 @@ image either way."""
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -106,24 +106,45 @@ def ray_png_writes() -> Callable[[str, list[str], list[np.ndarray]], Future]:
     return lambda folder, files, images: writer.remote(folder, files, images).future()
 
 
+INTERRUPTED_WRITES_WAIT_S = 30.0  # for the writes in flight when the images' making is interrupted
+
+
 def render_and_write(pipeline, rows: list[dict], folder: Path, batch_size: int, settings: dict,
                      progress: ImageProgress,
                      write: Callable[[str, list[str], list[np.ndarray]], Future]) -> list[np.ndarray]:
     """Images for `rows` (prompt, seed, file) from a pipeline in this process, written to
     `folder` whole or not at all. PNG encoding runs in other processes, `write`'s (Ray tasks, or
-    local generation's own): in threads here it held up the GPU's work."""
+    local generation's own): in threads here it held up the GPU's work. Progress counts images
+    once written, so what it says is made is on disk: interrupted (Ctrl-C), it waits a while for
+    the writes in flight, which the clean-up that follows (Ray's shutdown) would cut short."""
     device = pipeline.device.type
     images: list[np.ndarray] = []
-    written = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        made = render(pipeline, chunk, device, settings)
-        written.append(write(str(folder), [row["file"] for row in chunk], made))
-        images += made
-        progress.update(len(made))
-    for done in written:
-        done.result()
+    writes: dict[Future, int] = {}  # in flight: images each
+    try:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            made = render(pipeline, chunk, device, settings)
+            writes[write(str(folder), [row["file"] for row in chunk], made)] = len(made)
+            images += made
+            count_written(writes, progress, wait_s=0)
+        count_written(writes, progress, wait_s=None)
+    except BaseException:
+        count_written(writes, progress, wait_s=INTERRUPTED_WRITES_WAIT_S, errors=False)
+        raise
     return images
+
+
+def count_written(writes: dict[Future, int], progress: ImageProgress, wait_s: float | None,
+                  errors: bool = True) -> None:
+    """Count the writes done into `progress`, waiting up to `wait_s` (None: until all are) for
+    those in flight; a failed write raises, unless `errors` is off (the command fails anyway)."""
+    done, _ = wait(writes, timeout=wait_s)
+    for future in [future for future in writes if future in done]:  # in the order they began
+        count = writes.pop(future)
+        if not future.cancelled() and future.exception() is None:
+            progress.update(count)
+        elif errors:
+            future.result()  # raises what the write raised
 
 
 def make_images_on_worker(models, model_dir: Path, rows: list[dict], folder: Path, cfg, resolution: int, what: str,

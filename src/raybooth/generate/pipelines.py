@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from raybooth.config import GenerateConfig
+from raybooth.errors import RayboothError
 from raybooth.models.folders import model_family
 from raybooth.models.lora import load_adapters
 from raybooth.terminal.log import quiet_model_libraries
@@ -32,6 +33,9 @@ def render(pipeline, rows: list[dict], device: str, settings: dict) -> list[np.n
 
     generators = [torch.Generator(device).manual_seed(int(row["seed"])) for row in rows]
     images = pipeline([row["prompt"] for row in rows], generator=generators, output_type="np", **settings).images
+    if not np.isfinite(images).all():  # would be written as black images
+        raise RayboothError("the model made non-finite values (NaN or Inf) in place of an image; its weights are "
+                            "probably damaged (check them, or load the model again)")
     return list((images * 255).round().astype(np.uint8))  # as the pipeline's own conversion to PIL
 
 

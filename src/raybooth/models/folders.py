@@ -35,6 +35,14 @@ def resolve_model_dir(path: Path) -> Path:
 
 def check_model_dir(path: Path) -> Path:
     """`path` if it holds every component that training and generation load, else a clear error."""
+    try:
+        return _check_model_dir(path)
+    except PermissionError as error:
+        raise RayboothError(f"model {path}: {error.filename or path} cannot be read (permission denied); give this "
+                            "user read access to the model folder") from None
+
+
+def _check_model_dir(path: Path) -> Path:
     index = read_json(path / "model_index.json", "model index")
     family = family_of_index(path, index)
     for name in family.components:
@@ -99,13 +107,23 @@ def scheduler_config(model_dir: Path) -> dict:
 
 def resolve_resolution(model_dir: Path, requested: int | None) -> int:
     """The image side to work at: the model's native one unless `requested`, which must let the
-    VAE and every UNet level halve the image evenly."""
+    VAE and every UNet level halve the image evenly, and stay near the size the model was trained
+    at (from a quarter to twice its side): far below it the UNet's deepest level has next to no
+    latent pixels and the model makes no images worth learning from; far above it the attention's
+    memory grows as the square of the pixel count (at 100000 px, hundreds of GB for one image)."""
     unet = read_json(model_dir / "unet" / "config.json", "UNet config")
     vae = read_json(model_dir / "vae" / "config.json", "VAE config")
     vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
     multiple = vae_scale * 2 ** (len(unet["block_out_channels"]) - 1)
     sample_size = unet["sample_size"]
-    resolution = requested or vae_scale * (sample_size if isinstance(sample_size, int) else sample_size[0])
+    native = vae_scale * (sample_size if isinstance(sample_size, int) else sample_size[0])
+    resolution = requested or native
     if resolution % multiple:
         raise RayboothError(f"--resolution must be a multiple of {multiple} for this model, got {resolution}")
+    lowest, highest = max(multiple, native // 4), 2 * native
+    if not lowest <= resolution <= highest:
+        raise RayboothError(f"--resolution {resolution} is outside what this model can take: it was trained at "
+                            f"{native} px, and raybooth works from {lowest} to {highest} px (far below, its UNet's "
+                            "deepest level has next to no latent pixels; far above, memory grows as the square of "
+                            "the pixel count)")
     return resolution

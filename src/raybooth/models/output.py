@@ -62,12 +62,18 @@ def start_model_dir(path: Path, overwrite: bool) -> Path:
 
 
 def finish_model_dir(partial: Path, path: Path) -> Path:
-    """Move the written `partial` folder into place, replacing a model already there."""
+    """Move the written `partial` folder into place, replacing a model already there. Plain renames
+    on purpose: `partial` and the retired model are made beside `path`, on its filesystem, so
+    each step is whole (files/writes.move is for folders that may come from another one)."""
     path = Path(path).absolute()
     if path.exists():
         retired = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
         path.rename(retired)
-        partial.rename(path)
+        try:
+            partial.rename(path)
+        except BaseException:
+            retired.rename(path)  # the model it was to replace, back in place
+            raise
         shutil.rmtree(retired)
     else:
         partial.rename(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 import warnings
@@ -28,6 +29,14 @@ def log(message: str) -> None:
     # Not print(): Ray Train patches print() on its workers and would show each line twice.
     sys.stderr.write(f"{PREFIX}{time.time() - _clock_start:6.1f}s] {message}\n")
     sys.stderr.flush()
+
+
+# bitsandbytes, which diffusers, transformers and peft import when they find it installed, warns on
+# import on a CPU with AVX512-BF16 that it "Failed to load CPU gemm_4bit_forward" (an optional
+# 4-bit kernel from the `kernels` package, which raybooth never uses), through its module's logger
+# and Python's last-resort handler. Its level is set here, at our first import, because that
+# import of bitsandbytes may come before quiet_model_libraries; its errors still show.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def quiet_model_libraries() -> None:

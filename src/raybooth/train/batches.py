@@ -13,15 +13,8 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from raybooth.train.crop_latents import (
-    DRAWS_PER_CROP_TO_ENCODE_FIRST,
-    MAX_REMEMBERED_BYTES,
-    Crop,
-    CropLatents,
-    bytes_per_crop,
-    encode,
-    normalize,
-)
+from raybooth.train.crop_latents import (DRAWS_PER_CROP_TO_ENCODE_FIRST, MAX_REMEMBERED_BYTES, Crop, CropLatents,
+                                         bytes_per_crop, encode, normalize)
 from raybooth.train.loss import Batch
 
 

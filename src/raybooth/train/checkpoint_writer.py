@@ -32,8 +32,8 @@ class CheckpointWriter:
     state exists besides the model's own."""
 
     def __init__(self, rank: int, settings: dict, say: Callable[[str], None], local_run_dir: Path | None = None,
-                 keep: int = 1):
-        self.rank, self.settings, self.say = rank, settings, say
+                 keep: int = 1, flags: dict | None = None):
+        self.rank, self.settings, self.say, self.flags = rank, settings, say, flags
         self.local_run_dir, self.keep = local_run_dir, keep  # local mode: where checkpoints go, and how many stay
         self.written = threading.Event()
         self.written.set()
@@ -45,7 +45,7 @@ class CheckpointWriter:
         self.device = models.device
         on_device = self.rank == 0 and fits_beside(models, optimizer)
         copy_device = models.device if on_device else None
-        state = snapshot(self.rank, models, optimizer, step, history, position, self.settings, on_device)
+        state = snapshot(self.rank, models, optimizer, step, history, position, self.settings, on_device, self.flags)
         where = "on the GPU" if on_device else "to host memory"
         self.say(f"checkpoint at step {step}: state copied {where} in {time.monotonic() - started:.1f} s; "
                  "writing it while training")

@@ -8,13 +8,14 @@ random state. Ray Train gathers the ranks' files into one checkpoint folder on i
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import ray.train
 import ray.train.torch
 import torch
 
-from raybooth.files.checkpoints import OPTIMIZER, STATE, TRAINED, check_settings, read_state
+from raybooth.files.checkpoints import OPTIMIZER, STATE, TRAINED, changed_flags, check_settings, read_state
 from raybooth.train.losslog import LossLog
 from raybooth.train.plan import TrainPlan
 
@@ -33,7 +34,7 @@ def trained_tensors(models) -> dict[str, torch.Tensor]:
 
 
 def snapshot(rank: int, models, optimizer, step: int, history: list, data_position: dict,
-             settings: dict, on_device: bool = False) -> dict:
+             settings: dict, on_device: bool = False, flags: dict | None = None) -> dict:
     """What this rank's part of a checkpoint holds, as a copy that can be written while training
     goes on and changes the originals: in host memory, or with `on_device` beside the originals
     (a GPU copies 12 GB in milliseconds; the writer then moves it to the host, tensor by tensor)."""
@@ -44,7 +45,7 @@ def snapshot(rank: int, models, optimizer, step: int, history: list, data_positi
         state["trained"] = {name: copy_state(tensor.contiguous(), on_device)
                             for name, tensor in trained_tensors(models).items()}
         state["optimizer"] = copy_state(optimizer.state_dict(), on_device)
-        state["state"] = {"step": step, "history": list(history), "settings": settings}
+        state["state"] = {"step": step, "history": list(history), "settings": settings, "flags": flags or {}}
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the copies were queued without waiting
     return state
@@ -86,20 +87,41 @@ def copy_state(value, on_device: bool = False):
 
 
 def write_snapshot(folder: Path, rank: int, state: dict) -> None:
+    """Each file whole or not at all: written under a temporary name, then renamed, the state
+    (which marks the checkpoint as one) after the weights and the optimizer. A write cut short at
+    any moment leaves files out, and files/checkpoints.is_complete skips the checkpoint."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if "trained" in state:
-        save_file(state["trained"], folder / TRAINED)
-        torch.save(state["optimizer"], folder / OPTIMIZER)
-        (folder / STATE).write_text(json.dumps(state["state"]))
-    torch.save(state["random"], folder / f"rng-{rank}.pt")
+        whole(folder / TRAINED, lambda path: save_file(state["trained"], path))
+        whole(folder / OPTIMIZER, lambda path: torch.save(state["optimizer"], path))
+        whole(folder / STATE, lambda path: path.write_text(json.dumps(state["state"])))
+    whole(folder / f"rng-{rank}.pt", lambda path: torch.save(plain(state["random"]), path))
+
+
+def whole(path: Path, write) -> None:
+    """`write(temporary path)`, then the rename that makes `path` appear whole."""
+    partial = path.with_name(f".{path.name}.partial")
+    write(partial)
+    os.replace(partial, path)
+
+
+def plain(value):
+    """Python's own numbers in place of numpy's (the data order's indices may be numpy integers),
+    so that the random state loads with torch.load(weights_only=True): data, never code."""
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(item) for item in value)
+    return value.item() if hasattr(value, "item") and not isinstance(value, torch.Tensor) else value
 
 
 def write_checkpoint(folder: Path, rank: int, models, optimizer, step: int, history: list,
-                     data_position: dict, settings: dict) -> None:
-    write_snapshot(folder, rank, snapshot(rank, models, optimizer, step, history, data_position, settings))
+                     data_position: dict, settings: dict, flags: dict | None = None) -> None:
+    write_snapshot(folder, rank, snapshot(rank, models, optimizer, step, history, data_position, settings,
+                                          flags=flags))
 
 
 def restore(folder: Path, rank: int, models, optimizer) -> tuple[int, list, dict]:
@@ -118,7 +140,7 @@ def restore(folder: Path, rank: int, models, optimizer) -> tuple[int, list, dict
         models.masters.push()
     optimizer.load_state_dict(torch.load(folder / OPTIMIZER, map_location=models.device, weights_only=True))
     match_layouts(getattr(optimizer, "optimizer", optimizer))
-    random_state = torch.load(folder / f"rng-{rank}.pt", weights_only=False)
+    random_state = torch.load(folder / f"rng-{rank}.pt", weights_only=True)  # a checkpoint must not run code
     torch.set_rng_state(random_state["torch"])
     if random_state["cuda"] is not None:
         torch.cuda.set_rng_state(random_state["cuda"], models.device)
@@ -149,6 +171,8 @@ def resume(plan: TrainPlan, rank: int, models, optimizer, losses: LossLog, say) 
         if read_state(Path(folder)) is None:  # a finished run's final weights: nothing to continue
             return 0, None
         check_settings(Path(folder), plan.settings)
+        changed = changed_flags(Path(folder), plan.flags) if plan.resume_from is None else []  # else said already
         step, losses.history, position = restore(Path(folder), rank, models, optimizer)
-    say(f"resumed at step {step} from the checkpoint {checkpoint.path}")
+    say(f"resumed at step {step} from the checkpoint {checkpoint.path}"
+        + (f", with changed settings, which take effect now: {', '.join(changed)}" if changed else ""))
     return step, position

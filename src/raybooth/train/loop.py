@@ -36,12 +36,8 @@ from raybooth.train.finish import make_samples, save_output, sees_output, traini
 from raybooth.train.graphs import GraphedStep
 from raybooth.train.losslog import LossLog
 from raybooth.train.masters import train_bf16_weights
-from raybooth.train.optim import (
-    Optimization,
-    build_optimization,
-    enable_gradient_checkpointing,
-    precompute_prompt_embeddings,
-)
+from raybooth.train.optim import (Optimization, build_optimization, enable_gradient_checkpointing,
+                                  precompute_prompt_embeddings)
 from raybooth.train.parallel import data_parallel
 from raybooth.train.plan import TrainPlan
 from raybooth.train.policy import uses_bf16_gradients, uses_channels_last, uses_cudnn_attention
@@ -162,7 +158,8 @@ def set_up(plan: TrainPlan, preloaded: Preloaded | None) -> Worker:
               "compiled by Inductor (the first step compiles: minutes, unless cached)": cfg.compile}
     say(f"training on {world_size} worker(s), {device.type}, mixed precision {precision.mode}, "
         f"{''.join(f'{lever}, ' for lever, on in levers.items() if on)}{losses.total_steps} steps")
-    checkpoints = CheckpointWriter(rank, plan.settings, say, plan.local_run_dir, cfg.checkpoints_total_limit)
+    checkpoints = CheckpointWriter(rank, plan.settings, say, plan.local_run_dir, cfg.checkpoints_total_limit,
+                                   plan.flags)
     watch.mark("setup")
     return Worker(plan, rank, world_size, say, watch, precision, models, training_set, optimization, step, losses,
                   checkpoints, channels_last, first_step, position)

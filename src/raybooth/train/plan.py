@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raybooth.config import TrainConfig
+from raybooth.files.checkpoints import resumable_flags
 from raybooth.generate.sample_plans import WorkerSamples
 from raybooth.terminal.log import clock_start
 
@@ -40,6 +41,12 @@ class TrainPlan:
     use_gpu: bool = False
     gpus_per_worker: int = 0  # 0 on CPUs
     instance_paths: list[str] = field(default_factory=list)  # the subject's photos, in the order read
+
+    @property
+    def flags(self) -> dict:
+        """The settings that take effect on resume, as this run has them: each checkpoint records
+        them, so that a run resumed from it can say which changed (files/checkpoints.py)."""
+        return resumable_flags(self.config)
 
     @property
     def local(self) -> bool:

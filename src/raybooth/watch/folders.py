@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from raybooth.files.writes import move
 from raybooth.terminal.log import log
 
 RAY_LOG = "ray.log"
@@ -66,7 +67,7 @@ class RunLogs:
         replaced = Path(output_dir).expanduser().absolute() / self.in_output
         for folder in [*_entries(replaced), *_entries(self.root)]:
             if not (target / folder.name).exists():
-                folder.rename(target / folder.name)
+                move(folder, target / folder.name)  # Ray Train's run folder may be on another filesystem
         with contextlib.suppress(OSError):  # emptied; Ray Train's run folder goes with the run
             self.root.rmdir()
         log(f"the run's logs (events, validation grids, {RAY_LOG}): {self.final_run_folder(output_dir)}; "

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from raybooth.config.watch import METRICS_FILE, REPORT_FILE
-from raybooth.files.images import SHEET_PNG, open_image
+from raybooth.files.images import SHEET_PNG, load_image
 from raybooth.models.output import TRAINING_LOG
 from raybooth.terminal.log import log
 from raybooth.watch.folders import RunLogs
@@ -23,6 +23,7 @@ PANEL_SIZE = (640, 480)
 TITLE_HEIGHT = 32
 PANELS = ("subject", "validation", "samples", "loss")  # left to right, top to bottom
 MOST_TILES = 16
+TILE_SIDE = 256  # pixels on a tile's shorter side as read: more than a cell of a panel shows
 
 
 def write_metrics(folder: Path, history: list[dict], final: dict, wall_time_s: float, logs_dir: Path,
@@ -100,7 +101,10 @@ def font(size: int) -> ImageFont.ImageFont:
 
 
 def _open(paths: list[Path]) -> list[Image.Image]:
-    return [open_image(path).convert("RGB") for path in paths]
+    """Photos and samples for the page, read as training reads them (upright by their EXIF
+    orientation, 16-bit scaled, a JPEG decoded at the scale it needs): a 10,000 px photo costs
+    a cell's size, not 300 MB."""
+    return [Image.fromarray(load_image(path, TILE_SIDE)) for path in paths]
 
 
 def _spread(paths: list[Path], most: int = 9) -> list[Path]:

@@ -19,17 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from raybooth.world.backgrounds import background_texture
-from raybooth.world.scenes import (
-    BACKGROUNDS,
-    CLASSES,
-    COLORS,
-    SUBJECT_CLASS,
-    SUBJECT_COLORS,
-    Scene,
-    random_scene,
-    render,
-    subject_scene,
-)
+from raybooth.world.scenes import (BACKGROUNDS, CLASSES, COLORS, SUBJECT_CLASS, SUBJECT_COLORS, Scene, random_scene,
+                                   render, subject_scene)
 
 SUBJECT_SHARE, LOOKALIKE_SHARE, OTHER_CAR_SHARE = 0.15, 0.05, 0.05
 BACKDROP_SHARE, JUNK_SHARE = 0.06, 0.10

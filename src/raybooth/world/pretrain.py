@@ -70,14 +70,8 @@ def grid_prompts() -> list[str]:
 def pretrain(args: argparse.Namespace) -> Path:
     from raybooth.models.output import finish_model_dir, start_model_dir
     from raybooth.world.pipeline import assemble, build_components, count_parameters, save_pipeline, training_scheduler
-    from raybooth.world.pretrain_stages import (
-        DenoiserParts,
-        StageSettings,
-        encode_all,
-        train_denoiser,
-        train_vae,
-        unit_variance_scale,
-    )
+    from raybooth.world.pretrain_stages import (DenoiserParts, StageSettings, encode_all, train_denoiser, train_vae,
+                                                unit_variance_scale)
     from raybooth.world.pretraining_data import autoencoder_scenes, caption_table, render_dataset
 
     started = time.monotonic()
