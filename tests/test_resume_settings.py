@@ -104,3 +104,20 @@ def test_a_checkpoint_is_written_file_by_file_whole_or_not_at_all(tmp_path, monk
     assert (tmp_path / "torn" / TRAINED).is_file()
     assert not (tmp_path / "torn" / OPTIMIZER).exists() and not (tmp_path / "torn" / STATE).exists()
     assert not is_complete(tmp_path / "torn")
+
+
+def test_a_checkpoint_cut_short_as_the_run_stops_is_said_to_be_lost(stopped_run, capsys):
+    from types import SimpleNamespace
+
+    from raybooth.driver.runs import RunFolder
+
+    args, run_folder = stopped_run
+    torn = run_folder / "step-0000006"  # a worker's upload that the stop cut short
+    torn.mkdir()
+    (torn / TRAINED).write_bytes(b"")
+    run = RunFolder(SimpleNamespace(storage_path=str(run_folder.parent), output_dir=args[args.index("--output_dir") + 1]))
+    capsys.readouterr()
+    run.after_failure(interrupted=True)
+    err = capsys.readouterr().err
+    assert "the checkpoint step-0000006 was being written when the run stopped: it is lost" in err
+    assert "interrupted after the checkpoint at step 4: re-run the same command to resume from it" in err

@@ -88,6 +88,9 @@ class RunFolder:
         if self.local_path is None or not self.local_path.exists():
             return
         latest = latest_checkpoint(self.local_path)
+        for torn in torn_checkpoints(self.local_path):  # a worker's upload cut short as the run stopped
+            if latest is None or torn.name > latest.name:
+                log(f"the checkpoint {torn.name} was being written when the run stopped: it is lost")
         if latest:
             log(f"{'interrupted' if interrupted else 'stopped'} after the checkpoint at step "
                 f"{read_state(latest)['step']}: re-run the same command to resume from it")
