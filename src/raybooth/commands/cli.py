@@ -34,25 +34,20 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type, skip: Se
     """One flag per field of the dataclass `config`. With `only_given`, flags left out stay out
     of the parsed namespace, so a caller can tell a default from a choice."""
     hints = typing.get_type_hints(config)
-    # A config's own fields first, then those of its keyword-only option groups (base classes).
-    for field in sorted(dataclasses.fields(config), key=lambda f: f.kw_only):
-        if field.name in skip:
-            continue
+    for field in command_line_fields(config, skip):
         meta = dict(field.metadata)
         hidden = meta.pop("hidden", False)
-        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
-        default = None if required else (field.default if field.default is not dataclasses.MISSING
-                                         else field.default_factory())
+        required, default = field_default(field)
         help_text = meta.pop("help", "")
         if not required and default is not None and not isinstance(default, bool):
             help_text += f" (default: {default})"
-        kind, is_list = _value_type(hints[field.name])
+        kind, is_list = value_type(hints[field.name])
         common = dict(dest=field.name, default=argparse.SUPPRESS if only_given else default)
         if kind is bool:
             shown = argparse.SUPPRESS if hidden else help_text
             negative_help = argparse.SUPPRESS if hidden else f"Negation of --{field.name}."
             parser.add_argument(*flag_names(field.name), action="store_true", help=shown, **common)
-            if default is not False:  # `--no_overwrite` would say nothing that leaving it out does not
+            if has_negation(kind, default):
                 parser.add_argument(*flag_names(f"no_{field.name}"), action="store_false", help=negative_help,
                                     **common)
             continue
@@ -63,7 +58,26 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type, skip: Se
                             **common, **meta)
 
 
-def _value_type(hint: Any) -> tuple[type, bool]:
+def command_line_fields(config: type, skip: Sequence[str] = ()) -> list[dataclasses.Field]:
+    """The fields of `config` that are flags, in their command-line order: a config's own fields
+    first, then those of its keyword-only option groups (base classes)."""
+    return [field for field in sorted(dataclasses.fields(config), key=lambda f: f.kw_only) if field.name not in skip]
+
+
+def field_default(field: dataclasses.Field) -> tuple[bool, Any]:
+    """(whether the flag is required, its default: None where required)."""
+    required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+    return required, None if required else (field.default if field.default is not dataclasses.MISSING
+                                            else field.default_factory())
+
+
+def has_negation(kind: type, default: Any) -> bool:
+    """A boolean flag gets `--no_flag` unless it is off by default: `--no_overwrite` would say
+    nothing that leaving it out does not."""
+    return kind is bool and default is not False
+
+
+def value_type(hint: Any) -> tuple[type, bool]:
     """(the type of one value, whether the field is a list) for `int | None`, `list[str]`, ..."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))

@@ -7,37 +7,30 @@ tests/test_docs.py fails when the page and the fields drift apart."""
 
 from __future__ import annotations
 
-import dataclasses
 import sys
+import typing
 
-from raybooth.commands.cli import COMMANDS, CONFIG_FILE_COMMANDS, flag_names
+from raybooth.commands.cli import (COMMANDS, CONFIG_FILE_COMMANDS, command_line_fields, field_default, flag_names,
+                                   has_negation, value_type)
 from raybooth.config import RUN_DERIVED_TRAIN_FIELDS, TrainConfig
 from raybooth.config.yaml_file import CONFIG_FILE_HELP
 
 
-def default_text(field: dataclasses.Field) -> str:
-    if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-        return "required"
-    value = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-    return "" if value is None else f"`{value}`"
-
-
-def flag_text(field: dataclasses.Field) -> str:
-    spelled = " ".join(f"`{name}`" for name in flag_names(field.name))
-    if field.metadata.get("choices"):
-        spelled += " {" + ", ".join(map(str, field.metadata["choices"])) + "}"
-    if field.type in ("bool", "bool | None") and field.default is not False:
-        spelled += " / " + " ".join(f"`{name}`" for name in flag_names(f"no_{field.name}"))
-    return spelled
-
-
 def table(config: type, skip: tuple[str, ...] = ()) -> list[str]:
+    hints = typing.get_type_hints(config)
     rows = ["| flag | default | what it does |", "|---|---|---|"]
-    for field in sorted(dataclasses.fields(config), key=lambda f: f.kw_only):  # as the command line orders them
-        if field.name in skip or field.metadata.get("hidden"):
+    for field in command_line_fields(config, skip):
+        if field.metadata.get("hidden"):
             continue
+        required, default = field_default(field)
+        spelled = " ".join(f"`{name}`" for name in flag_names(field.name))
+        if field.metadata.get("choices"):
+            spelled += " {" + ", ".join(map(str, field.metadata["choices"])) + "}"
+        if has_negation(value_type(hints[field.name])[0], default):
+            spelled += " / " + " ".join(f"`{name}`" for name in flag_names(f"no_{field.name}"))
+        shown = "required" if required else "" if default is None else f"`{default}`"
         help_text = field.metadata.get("help", "").replace("|", "\\|")
-        rows.append(f"| {flag_text(field)} | {default_text(field)} | {help_text} |")
+        rows.append(f"| {spelled} | {shown} | {help_text} |")
     return rows
 
 

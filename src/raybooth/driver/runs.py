@@ -47,8 +47,7 @@ class RunFolder:
         if mode == "latest":
             latest = latest_checkpoint(self.local_path) if self.local_path else None
             for torn in torn_checkpoints(self.local_path) if self.local_path else []:
-                if latest is None or torn.name > latest.name:
-                    log(f"skipping the checkpoint {torn.name}: its write was cut short (files missing)")
+                log(f"skipping the checkpoint {torn.name}: its write was cut short (files missing)")
             if latest is None:
                 return None
             check_settings(latest, settings)
@@ -89,8 +88,7 @@ class RunFolder:
             return
         latest = latest_checkpoint(self.local_path)
         for torn in torn_checkpoints(self.local_path):  # a worker's upload cut short as the run stopped
-            if latest is None or torn.name > latest.name:
-                log(f"the checkpoint {torn.name} was being written when the run stopped: it is lost")
+            log(f"the checkpoint {torn.name} was being written when the run stopped: it is lost")
         if latest:
             log(f"{'interrupted' if interrupted else 'stopped'} after the checkpoint at step "
                 f"{read_state(latest)['step']}: re-run the same command to resume from it")

@@ -132,8 +132,11 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def torn_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint folders in a local run folder that some write left incomplete."""
-    return sorted(p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and not is_complete(p))
+    """Checkpoint folders in a local run folder that some write left incomplete, newer than its
+    newest complete one (an older torn one was superseded, and says nothing now)."""
+    latest = latest_checkpoint(run_dir)
+    return sorted(p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*")
+                  if p.is_dir() and not is_complete(p) and (latest is None or p.name > latest.name))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

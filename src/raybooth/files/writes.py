@@ -10,6 +10,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Callable
 
 
 def png_bytes(image, **options) -> bytes:
@@ -21,8 +22,13 @@ def png_bytes(image, **options) -> bytes:
 def write_atomically(path: Path, data: bytes) -> None:
     """A file appears whole or not at all, so an interrupted run never leaves a broken image
     that a re-run would count as done."""
+    write_whole(path, lambda partial: partial.write_bytes(data))
+
+
+def write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(a hidden partial name beside path)`, then the rename that makes `path` appear whole."""
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(data)
+    write(partial)
     os.replace(partial, path)
 
 

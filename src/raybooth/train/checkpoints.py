@@ -8,7 +8,6 @@ random state. Ray Train gathers the ranks' files into one checkpoint folder on i
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import ray.train
@@ -16,6 +15,7 @@ import ray.train.torch
 import torch
 
 from raybooth.files.checkpoints import OPTIMIZER, STATE, TRAINED, changed_flags, check_settings, read_state
+from raybooth.files.writes import write_whole
 from raybooth.train.losslog import LossLog
 from raybooth.train.plan import TrainPlan
 
@@ -95,17 +95,10 @@ def write_snapshot(folder: Path, rank: int, state: dict) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if "trained" in state:
-        whole(folder / TRAINED, lambda path: save_file(state["trained"], path))
-        whole(folder / OPTIMIZER, lambda path: torch.save(state["optimizer"], path))
-        whole(folder / STATE, lambda path: path.write_text(json.dumps(state["state"])))
-    whole(folder / f"rng-{rank}.pt", lambda path: torch.save(plain(state["random"]), path))
-
-
-def whole(path: Path, write) -> None:
-    """`write(temporary path)`, then the rename that makes `path` appear whole."""
-    partial = path.with_name(f".{path.name}.partial")
-    write(partial)
-    os.replace(partial, path)
+        write_whole(folder / TRAINED, lambda path: save_file(state["trained"], path))
+        write_whole(folder / OPTIMIZER, lambda path: torch.save(state["optimizer"], path))
+        write_whole(folder / STATE, lambda path: path.write_text(json.dumps(state["state"])))
+    write_whole(folder / f"rng-{rank}.pt", lambda path: torch.save(plain(state["random"]), path))
 
 
 def plain(value):
