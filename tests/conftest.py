@@ -19,6 +19,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
+@pytest.fixture(scope="session")
+def tiny_xl_dir(tmp_path_factory) -> Path:
+    """A tiny SDXL pipeline (two text encoders, micro-conditioning), as `raybooth tiny-model --family sdxl`."""
+    from raybooth.models.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-xl", family="sdxl")
+
+
 @pytest.fixture(scope="module")
 def vae(tiny_model_dir):
     """The tiny model's VAE on the CPU, in fp32."""

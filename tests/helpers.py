@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from raybooth.commands.cli import build_parser, config_from_args, main
 from raybooth.config import TrainConfig
-from raybooth.models.loading import load_for_training, load_tokenizer, tokenize
+from raybooth.models.folders import model_family
+from raybooth.models.loading import load_for_training, load_tokenizers, prompt_ids
 from raybooth.train.batches import TrainingSet, pairing
 from raybooth.train.loss import Batch
 
@@ -96,7 +97,7 @@ def train_briefly(model_dir, instance_dir, folder: Path, capsys, *flags) -> tupl
 
 
 def weights(folder, part):
-    name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+    name = "model.safetensors" if part.startswith("text_encoder") else "diffusion_pytorch_model.safetensors"
     return load_file(folder / part / name)
 
 
@@ -107,12 +108,14 @@ def differs(a: dict, b: dict) -> bool:
 # The training step on the tiny model.
 
 def fixed_batch(model_dir, size=64) -> Batch:
-    """Two instance and two class examples, instance rows first."""
-    tokenizer = load_tokenizer(model_dir)
+    """Two instance and two class examples, instance rows first (SDXL's with their time ids)."""
+    tokenizers = load_tokenizers(model_dir)
     generator = torch.Generator().manual_seed(0)
     pixels = torch.rand(4, 3, size, size, generator=generator) * 2 - 1
-    ids = [tokenize(tokenizer, p) for p in ["a photo of unqtkn toy car"] * 2 + ["a photo of a toy car"] * 2]
-    return Batch(pixels, torch.from_numpy(np.stack(ids)))
+    ids = [prompt_ids(tokenizers, p) for p in ["a photo of unqtkn toy car"] * 2 + ["a photo of a toy car"] * 2]
+    time_ids = (torch.tensor([[size, size, 0, 0, size, size]] * 4, dtype=torch.float32)
+                if model_family(model_dir).micro_conditioning else None)
+    return Batch(pixels, torch.from_numpy(np.stack(ids)), time_ids=time_ids)
 
 
 def snapshot(module):

@@ -53,9 +53,12 @@ def test_a_checkpoint_fits_only_the_lora_settings_it_was_trained_with():
     assert fingerprint(train_config("--use_lora"), 512) == fingerprint(train_config("--use_lora", "--lora_rank", "4"), 512)
 
 
-def test_a_checkpoint_restores_weights_optimizer_and_random_state(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_a_checkpoint_restores_weights_optimizer_and_random_state(family, request, tmp_path):
+    model_dir = request.getfixturevalue("tiny_xl_dir" if family == "sdxl" else "tiny_model_dir")
+
     def setup():
-        models = load_for_training(tiny_model_dir, CPU, CPU, torch.float32, True)
+        models = load_for_training(model_dir, CPU, CPU, torch.float32, True)
         return models, make_optimizer(models.trainable_parameters(), 1e-3)
 
     models, optimizer = setup()
@@ -75,6 +78,9 @@ def test_a_checkpoint_restores_weights_optimizer_and_random_state(tiny_model_dir
         assert torch.equal(a, b)
     state, fresh_state = optimizer.state_dict()["state"], fresh_optimizer.state_dict()["state"]
     assert all(torch.equal(state[k]["exp_avg"], fresh_state[k]["exp_avg"]) for k in state)
+    # Every trained module is in it: SDXL's second text encoder too.
+    parts = {name.split(".")[0] for name in load_file(tmp_path / "trained.safetensors")}
+    assert parts == ({"unet", "text_encoder", "text_encoder_2"} if family == "sdxl" else {"unet", "text_encoder"})
     assert latest_checkpoint(tmp_path.parent) is None  # not named as a checkpoint of a run
     (tmp_path / "optimizer.pt").unlink()
     assert read_state(tmp_path)["step"] == 12

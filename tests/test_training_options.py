@@ -121,15 +121,19 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients_and_keeps_fewe
     assert checkpointed_kept < 0.6 * kept  # the activations kept for the backward pass
 
 
-def test_prompts_encoded_once_give_the_loss_of_encoding_each_step_and_the_encoder_is_freed(tiny_model_dir):
-    models, batch = models_for(tiny_model_dir, train_text_encoder=False), fixed_batch(tiny_model_dir)
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_prompts_encoded_once_give_the_loss_of_encoding_each_step_and_the_encoder_is_freed(family, request):
+    model_dir = request.getfixturevalue("tiny_xl_dir" if family == "sdxl" else "tiny_model_dir")
+    models, batch = models_for(model_dir, train_text_encoder=False), fixed_batch(model_dir)
     precision = Precision("no", CPU)
     torch.manual_seed(0)
     each_step = dreambooth_loss(models, batch, 1.0).total.item()
-    embeddings = precompute_prompt_embeddings(models, batch.prompt_ids, precision)
-    assert models.text_encoder is None
+    embeddings, pooled = precompute_prompt_embeddings(models, batch.prompt_ids, precision)
+    assert models.text_encoder is None and models.text_encoder_2 is None
+    assert (pooled is not None) == (family == "sdxl")  # SDXL's pooled embedding is kept too
     torch.manual_seed(0)
-    once = dreambooth_loss(models, Batch(batch.pixels, batch.prompt_ids, prompt_embeds=embeddings), 1.0)
+    once = dreambooth_loss(models, Batch(batch.pixels, batch.prompt_ids, prompt_embeds=embeddings,
+                                         pooled_embeds=pooled, time_ids=batch.time_ids), 1.0)
     assert once.total.item() == pytest.approx(each_step, rel=1e-6)
 
 

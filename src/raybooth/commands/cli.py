@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from raybooth import __version__
+from raybooth.commands.single_files import EXPORT, with_model_folder
 from raybooth.config import (RUN_DERIVED_TRAIN_FIELDS, CacheConfig, GenerateConfig, MergeLoraConfig, RunConfig,
                              TinyModelConfig, TrainConfig)
 from raybooth.config.evaluate import EvaluateConfig
@@ -54,8 +55,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type, skip: Se
         parser.add_argument(*flag_names(field.name), type=kind, required=required and not only_given,
                             nargs=meta.pop("nargs", "+" if is_list else None),
                             metavar=None if "choices" in meta else field.name.upper(),
-                            help=argparse.SUPPRESS if hidden else help_text,
-                            **common, **meta)
+                            help=argparse.SUPPRESS if hidden else help_text, **common, **meta)
 
 
 def command_line_fields(config: type, skip: Sequence[str] = ()) -> list[dataclasses.Field]:
@@ -102,7 +102,7 @@ def tiny_model_command(args: argparse.Namespace) -> None:
     from raybooth.models.tiny import write_tiny_model
 
     cfg = config_from_args(TinyModelConfig, args)
-    print(write_tiny_model(cfg.output_dir, cfg.seed, cfg.overwrite))
+    print(write_tiny_model(cfg.output_dir, cfg.seed, cfg.overwrite, cfg.family))
 
 
 def generate_command(args: argparse.Namespace) -> None:
@@ -165,6 +165,7 @@ COMMANDS = {
     "evaluate": (evaluate_command, EvaluateConfig,
                  "Sample a fine-tuned model and measure subject fidelity, prompt fidelity and prior preservation "
                  "(the small world's classifier, or the paper's DINO, CLIP-I and CLIP-T)."),
+    "export": EXPORT,
 }
 
 
@@ -212,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     stops = stop_as_by_ctrl_c()
     try:
-        COMMANDS[args.command][0](args)
+        COMMANDS[args.command][0](with_model_folder(args))
     except RayboothError as error:
         print(f"raybooth: error: {error}", file=sys.stderr)
         return 1

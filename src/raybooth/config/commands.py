@@ -1,12 +1,12 @@
-"""Settings of the commands other than `train`: cache, tiny-model, generate, merge-lora, run."""
+"""Settings of the commands other than `train`: cache, tiny-model, generate, merge-lora, export, run."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from raybooth.config.fields import (DTYPES, SAMPLER_HELP, SAMPLERS, STEPS_HELP, check_prompts_given, finite, given,
-                                    option, positive)
+from raybooth.config.fields import (DTYPES, ORIGINAL_CONFIG_HELP, SAMPLER_HELP, SAMPLERS, STEPS_HELP,
+                                    check_prompts_given, finite, given, option, positive)
 from raybooth.config.watch import VERBOSE_HELP
 from raybooth.errors import RayboothError
 
@@ -23,11 +23,14 @@ class TinyModelConfig:
     output_dir: Path = option(help="Folder to write the tiny diffusers pipeline to.")
     seed: int = option(0, "Seed for the random weights.")
     overwrite: bool = option(False, "Replace a model already in --output_dir.")
+    family: str = option("sd", "Model family: sd (Stable Diffusion 1.x architecture) or sdxl (Stable Diffusion XL: "
+                               "two text encoders, micro-conditioning).", choices=("sd", "sdxl"))
 
 
 @dataclass
 class GenerateConfig:
-    model_dir: Path = option(help="Diffusers pipeline folder (or a Hugging Face cache folder holding one).")
+    model_dir: Path = option(help="Diffusers pipeline folder (or a Hugging Face cache folder holding one, or a "
+                                  "single-file checkpoint: see --original_config_dir).")
     output_dir: Path = option(help="Folder for the images; images already there are kept, not redone.")
     prompts: list[str] = option(help="One or more prompts.", nargs="+")
     num_samples_per_prompt: int = option(1, "Images per prompt.")
@@ -44,6 +47,7 @@ class GenerateConfig:
     lora_weights_dir: Path | None = option(None, "A LoRA adapter to apply to --model_dir: the --output_dir of "
                                                  "`raybooth train --use_lora` (or a diffusers LoRA folder or file).")
     lora_scale: float = option(1.0, "Strength of --lora_weights_dir: 0 is the base model, 1 the adapter as trained.")
+    original_config_dir: Path | None = option(None, ORIGINAL_CONFIG_HELP)
     num_workers: int | None = option(None, "Generation actors (default: one per GPU, or one on CPU).")
     use_gpu: bool | None = option(None, "Generate on GPUs (default: when the Ray cluster has any).")
     address: str | None = option(None, "Ray cluster to attach to (default: RAY_ADDRESS, else a local Ray).")
@@ -72,10 +76,26 @@ class MergeLoraConfig:
     lora_weights_dir: Path = option(help="The adapter: the --output_dir of `raybooth train --use_lora`.")
     output_dir: Path = option(help="Folder for the merged pipeline; must be new, empty, or --overwrite.")
     lora_scale: float = option(1.0, "Strength to merge the adapter at: 1 is as trained.")
+    original_config_dir: Path | None = option(None, ORIGINAL_CONFIG_HELP)
     overwrite: bool = option(False, "Replace a model already in --output_dir.")
 
     def validate(self) -> None:
         finite(lora_scale=self.lora_scale)
+
+
+EXPORT_FORMATS = ("single-file", "kohya")
+
+
+@dataclass
+class ExportConfig:
+    model_dir: Path = option(help="What to export: a fine-tuned pipeline folder (for --format single-file) or a LoRA "
+                                  "adapter folder, the output of `raybooth train --use_lora` (for --format kohya).")
+    format: str = option(help="single-file: the pipeline as one checkpoint in the original layout (UNet, VAE, text "
+                              "encoders), as ComfyUI and AUTOMATIC1111 load checkpoints; kohya: the LoRA adapter in "
+                              "kohya's key format with its alpha, as they load LoRAs.", choices=EXPORT_FORMATS)
+    output_file: Path = option(help="The .safetensors file to write; must be new, unless --overwrite.")
+    half: bool = option(False, "Write the weights in fp16: half the size, as such files are usually shared.")
+    overwrite: bool = option(False, "Replace --output_file if it exists.")
 
 
 @dataclass
@@ -84,10 +104,12 @@ class RunConfig:
 
     work_dir: Path | None = option(None, "Folder for every step's output (default: ./raybooth-demo with "
                                          "the world model, ./raybooth-run otherwise).")
-    model_name: str | None = option(None, "Hugging Face repository to cache and fine-tune.")
+    model_name: str | None = option(None, "Hugging Face repository to cache and fine-tune (or a local single-file "
+                                          "checkpoint, as --model_dir takes one).")
     revision: str = option("main", "Revision of --model_name.")
-    model_dir: Path | None = option(None, "Use this local pipeline instead of caching one "
-                                          "(default: the built-in world model, for the demo).")
+    model_dir: Path | None = option(None, "Use this local pipeline (or single-file checkpoint) instead of caching "
+                                          "one (default: the built-in world model, for the demo).")
+    original_config_dir: Path | None = option(None, ORIGINAL_CONFIG_HELP)
     instance_images_dir: Path | None = option(None, "Photos of the subject (default: the built-in toy car).")
     unique_token: str = option("unqtkn", "Rare token that names the subject.")
     class_noun: str | None = option(None, 'Class of the subject, e.g. "dog" (required with '
@@ -114,4 +136,4 @@ class RunConfig:
 # --unique_token and --class_noun.
 RUN_DERIVED_TRAIN_FIELDS = ("model_dir", "output_dir", "instance_images_dir", "instance_prompt",
                             "class_images_dir", "class_prompt", "class_noun", "overwrite", "sample_prompts",
-                            "num_samples_per_prompt", "samples_dir")
+                            "num_samples_per_prompt", "samples_dir", "original_config_dir")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from raybooth.config.fields import (DTYPES, SAMPLER_HELP, SAMPLERS, STEPS_HELP, check_prompts_given, finite, given,
-                                    option, positive)
+from raybooth.config.fields import (DTYPES, ORIGINAL_CONFIG_HELP, SAMPLER_HELP, SAMPLERS, STEPS_HELP,
+                                    check_prompts_given, finite, given, option, positive)
 from raybooth.config.watch import VERBOSE_HELP
 from raybooth.errors import RayboothError
 
@@ -35,6 +35,7 @@ class EvaluateConfig:
                                                "found as --clip_model_dir is.")
     classifier: Path | None = option(None, "World classifier weights for --metrics world (default: the shipped one).")
     lora_weights_dir: Path | None = option(None, "A LoRA adapter to apply to --model_dir.")
+    original_config_dir: Path | None = option(None, ORIGINAL_CONFIG_HELP)
     sampler: str = option("dpm++", SAMPLER_HELP, choices=SAMPLERS)
     num_inference_steps: int | None = option(None, STEPS_HELP)
     guidance_scale: float | None = option(None, "Classifier-free guidance scale (default: 5 with --metrics world, "

@@ -23,6 +23,10 @@ SAMPLERS = tuple(SAMPLER_STEPS)
 SAMPLER_HELP = ("Denoising sampler: dpm++ (DPM-Solver++ 2M on the model's noise schedule) or model (the scheduler "
                 "the model folder names: PNDM for SD-1.5).")
 STEPS_HELP = "Denoising steps per image (default: 20 with --sampler dpm++, 50 with --sampler model)."
+ORIGINAL_CONFIG_HELP = ("With a single-file checkpoint as --model_dir (the .safetensors or .ckpt that ComfyUI and "
+                        "AUTOMATIC1111 load): a diffusers pipeline folder of its family, whose configs (layer sizes, "
+                        "tokenizers, scheduler) read it once into NAME-diffusers/ beside it (default: the pipeline "
+                        "folder the file lies in).")
 
 
 def inference_steps(sampler: str, steps: int | None) -> int:

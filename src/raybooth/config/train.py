@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raybooth.config.fields import (DDP_BUCKET_MB, FULL_DEFAULT_LR, LORA_DEFAULT_LR, LORA_DEFAULT_RANK, PRECISIONS,
-                                    SAMPLER_HELP, SAMPLERS, STEPS_HELP, check_prompts_given, finite, given, option,
-                                    positive)
-from raybooth.config.optimization import ExampleOptions, OptimizationOptions
+                                    ORIGINAL_CONFIG_HELP, SAMPLER_HELP, SAMPLERS, STEPS_HELP, check_prompts_given,
+                                    finite, given, option, positive)
+from raybooth.config.optimization import PRODIGY_DEFAULT_LR, ExampleOptions, OptimizationOptions
 from raybooth.config.watch import WatchOptions
 from raybooth.errors import RayboothError
 
@@ -22,12 +22,16 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
     class_images_dir: Path = option(help="Images of the subject's class, for prior preservation; "
                                          "missing ones are generated first.")
     class_prompt: str = option(help='Prompt for the class, e.g. "a photo of a toy car".')
+    pretrained_vae_model_name_or_path: Path | None = option(
+        None, "A VAE folder (diffusers AutoencoderKL) to train and sample with in place of the model's own, such as "
+              "SDXL's fp16-fixed VAE; a full fine-tune's output then holds it.")
+    original_config_dir: Path | None = option(None, ORIGINAL_CONFIG_HELP)
     class_noun: str | None = option(None, "The class noun both prompts must name (default: inferred "
                                           "from the words the prompts end with).")
     num_class_images: int = option(200, "Class images to train with; the folder is topped up to this many.")
     train_batch_size: int = option(1, "Instance images per step per worker (each paired with a class image).")
-    lr: float | None = option(None, "AdamW learning rate (default: 5e-6 for full fine-tuning, 1e-4 with "
-                                    "--use_lora).")
+    lr: float | None = option(None, "Learning rate (default: 5e-6 for full fine-tuning, 1e-4 with --use_lora, "
+                                    "1.0 with --optimizer prodigy).")
     num_epochs: int = option(4, "Passes over the instance/class pairs.")
     max_train_steps: int = option(800, "Stop after this many optimizer steps, even mid-epoch.")
     prior_loss_weight: float = option(1.0, "Weight of the class (prior-preservation) loss.")
@@ -76,6 +80,17 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
                                             "(with --use_lora; default: the rank).")
     lora_text_encoder: bool = option(True, "With --use_lora and --train_text_encoder, give the text encoder "
                                            "adapters too (else it stays frozen).")
+    use_dora: bool = option(False, "Train DoRA adapters (arXiv 2402.09353) instead of plain LoRA: each adapted "
+                                   "weight is split into a trained magnitude per output and a direction that the "
+                                   "low-rank update turns (with --use_lora).")
+    lora_dropout: float = option(0.0, "Dropout probability on the adapters' input while training (with "
+                                      "--use_lora; samples never drop).")
+    save_single_file: bool = option(False, "Also write the fine-tuned pipeline as one checkpoint file in the original "
+                                           "layout, OUTPUT_DIR/NAME.safetensors (NAME: the output folder's name), as "
+                                           "ComfyUI and AUTOMATIC1111 load checkpoints (not with --use_lora).")
+    output_kohya_format: bool = option(False, "With --use_lora: also write the adapter in kohya's format, "
+                                              "OUTPUT_DIR/pytorch_lora_weights_kohya.safetensors, as ComfyUI and "
+                                              "AUTOMATIC1111 load LoRAs.")
     address: str | None = option(None, "Ray cluster to attach to (default: RAY_ADDRESS, else a local Ray).")
     storage_path: str | None = option(None, "Folder or URI (pyarrow) that all nodes share, for Ray Train's "
                                             "checkpoints (default: ~/ray_results).")
@@ -93,8 +108,9 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
                                            "Ray Train cannot restart it (default: on for one worker on a Ray this "
                                            "command starts, with --max_failures 0 and a local --storage_path).")
     overwrite: bool = option(False, "Replace a model already in --output_dir.")
-    sample_batch_size: int | None = option(None, "Batch size for generating missing class images "
-                                                 "(default: 16 on GPU, 4 on CPU).")
+    sample_batch_size: int | None = option(None, "Batch size for generating missing class images and samples, as "
+                                                 "diffusers' --sample_batch_size (default: 16 on GPU, 4 on CPU; "
+                                                 "diffusers' is 4).")
     sampler: str = option("dpm++", SAMPLER_HELP + " For class images and samples.", choices=SAMPLERS)
     num_inference_steps: int | None = option(None, STEPS_HELP)
     guidance_scale: float = option(7.5, "Guidance scale for generated class images (and samples).")
@@ -116,7 +132,7 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
         if self.lr is not None and self.lr <= 0:
             raise RayboothError(f"--lr must be positive, got {self.lr}")
         self.validate_lora()
-        self.validate_optimization(self.trains_text_encoder)
+        self.validate_optimization(self.trains_text_encoder, self.learning_rate())
         self.validate_examples(self.train_text_encoder)
         self.validate_watch(self.output_dir)
         if self.max_failures < 0:
@@ -142,6 +158,16 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
         if not self.use_lora and (self.lora_rank != LORA_DEFAULT_RANK or self.lora_alpha is not None
                                   or not self.lora_text_encoder):
             raise RayboothError("--lora_rank, --lora_alpha and --no_lora_text_encoder need --use_lora")
+        if not 0 <= self.lora_dropout < 1:  # nan fails this too
+            raise RayboothError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.use_lora and (self.use_dora or self.lora_dropout):
+            raise RayboothError("--use_dora and --lora_dropout need --use_lora")
+        if self.output_kohya_format and (not self.use_lora or self.use_dora):
+            raise RayboothError("--output_kohya_format writes a LoRA adapter in kohya's format: it needs --use_lora, "
+                                "without --use_dora (for a full fine-tune: --save_single_file)")
+        if self.save_single_file and self.use_lora:
+            raise RayboothError("--save_single_file writes a fine-tuned pipeline; with --use_lora, write the adapter "
+                                "for ComfyUI and AUTOMATIC1111 with --output_kohya_format")
 
     def bf16_gradients_blocker(self) -> str | None:
         """The option that rules out --bf16_gradients, if any: LoRA adapters and EMA weights stay
@@ -167,6 +193,8 @@ class TrainConfig(OptimizationOptions, ExampleOptions, WatchOptions):
         larger steps than the pretrained weights can take."""
         if self.lr is not None:
             return self.lr
+        if self.optimizer == "prodigy":
+            return PRODIGY_DEFAULT_LR  # a multiplier of the step size Prodigy finds, which its authors keep at 1
         return LORA_DEFAULT_LR if self.use_lora else FULL_DEFAULT_LR
 
     def adapter_alpha(self) -> float:

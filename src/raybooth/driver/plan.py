@@ -7,20 +7,21 @@ from __future__ import annotations
 
 import math
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from raybooth.config import TrainConfig
 from raybooth.driver.cluster import check_fits, decide_use_gpu, node_count, started_here
 from raybooth.driver.runs import RunFolder
 from raybooth.errors import RayboothError
+from raybooth.files.captions import captions_line, read_captions
 from raybooth.files.checkpoints import fingerprint
-from raybooth.files.images import find_images, image_files
+from raybooth.files.images import find_images, image_files, upright_size
 from raybooth.files.names import generated_for, image_name, image_seed, prompt_digest
 from raybooth.generate.sample_plans import WorkerSamples, share_out
-from raybooth.models.folders import resolve_model_dir, resolve_resolution
+from raybooth.models.folders import check_vae_dir, resolve_model_dir, resolve_resolution
 from raybooth.models.output import check_output_dir
-from raybooth.models.prompts import check_prompt_lengths, check_prompts, words
+from raybooth.models.prompts import check_captions, check_prompt_lengths, check_prompts, words
 from raybooth.terminal.log import log
 from raybooth.terminal.progress import terminal_shows_bars
 from raybooth.train.plan import TrainPlan
@@ -38,18 +39,21 @@ def uses_local_mode(cfg: TrainConfig, started_here: bool) -> bool:
 @dataclass
 class Inputs:
     """What `check_inputs` found: the model folder, the resolution to train at, the subject's
-    photos, and the settings a checkpoint to resume from must match."""
+    photos, the settings a checkpoint to resume from must match, and the photos' own prompts."""
 
     model_dir: Path
     resolution: int
     instance_paths: list[Path]
     settings: dict
+    captions: dict[str, str] = field(default_factory=dict)  # {photo: its caption}, for those that have one
 
 
 def check_inputs(cfg: TrainConfig) -> Inputs:
     """Every check that needs no Ray."""
     cfg.validate()
     model_dir = resolve_model_dir(cfg.model_dir)
+    if cfg.pretrained_vae_model_name_or_path is not None:  # absolute: workers run in folders of their own
+        cfg.pretrained_vae_model_name_or_path = check_vae_dir(cfg.pretrained_vae_model_name_or_path)
     resolution = resolve_resolution(model_dir, cfg.resolution)
     check_output_dir(cfg.output_dir, cfg.overwrite)
     noun = words(check_prompts(cfg.instance_prompt, cfg.class_prompt, cfg.class_noun))
@@ -65,11 +69,15 @@ def check_inputs(cfg: TrainConfig) -> Inputs:
 
         check_8bit_adam(on_gpu=cfg.use_gpu is not False)
     instance_paths = find_images(cfg.instance_images_dir, "instance images", resolution=resolution)
+    captions = read_captions(cfg.instance_images_dir, instance_paths, cfg.caption_column)
+    check_captions(model_dir, captions, identifier, noun, cfg.tokenizer_max_length)
+    if line := captions_line(captions, len(instance_paths), cfg.caption_column):
+        log(line)
     find_images(cfg.class_images_dir, "class images", may_be_empty=True, resolution=resolution)  # missing: made later
     if cfg.num_class_images < cfg.num_workers:
         raise RayboothError(f"--num_class_images {cfg.num_class_images} cannot feed {cfg.num_workers} workers: "
                             "each needs at least one class image")
-    return Inputs(model_dir, resolution, instance_paths, fingerprint(cfg, resolution))
+    return Inputs(model_dir, resolution, instance_paths, fingerprint(cfg, resolution), captions)
 
 
 def worker_gpus(cfg: TrainConfig) -> tuple[bool, int]:
@@ -126,13 +134,16 @@ def make_plan(cfg: TrainConfig, inputs: Inputs, class_entries: list[dict], sampl
     return TrainPlan(
         config=cfg, model_dir=inputs.model_dir, resolution=inputs.resolution, class_images_dir=class_dir(cfg),
         class_shares=shares, output_partial=str(partial), output_token=uuid.uuid4().hex,
-        # Every worker takes as many steps: as many pairs as the larger of its photos and class images.
-        pairs_per_worker=max(math.ceil(len(inputs.instance_paths) / cfg.num_workers), max(map(len, shares))),
+        # Every worker takes as many steps: as many pairs as the larger of its photos (each counted
+        # --repeats times, as diffusers' dataset repeats them) and its class images.
+        pairs_per_worker=max(math.ceil(len(inputs.instance_paths) * cfg.repeats / cfg.num_workers),
+                             max(map(len, shares))),
         sample_sets=sample_sets, settings=inputs.settings, resume_from=resume_from, logs_dir=logs_dir,
         progress_bars=terminal_shows_bars(),
         local_devices=local_devices(use_gpu, gpus_per_worker) if local else None,
         local_run_dir=run.local_path if local else None, use_gpu=use_gpu, gpus_per_worker=gpus_per_worker,
-        instance_paths=[str(path) for path in inputs.instance_paths])
+        instance_paths=[str(path) for path in inputs.instance_paths], instance_captions=inputs.captions,
+        instance_sizes={str(path): upright_size(path) for path in inputs.instance_paths})
 
 
 def step_cap(plan: TrainPlan) -> str | None:

@@ -26,9 +26,9 @@ def preload(cfg: TrainConfig, model_dir: Path, instance_paths: list[Path], class
     def read() -> tuple[dict, dict]:
         from raybooth.files.images import read_images
 
-        threads = min(8, os.cpu_count() or 1)
-        return (read_images([str(path) for path in instance_paths], resolution, threads),
-                read_images(list(class_paths), resolution, threads))
+        threads, interpolation = min(8, os.cpu_count() or 1), cfg.image_interpolation_mode
+        return (read_images([str(path) for path in instance_paths], resolution, threads, interpolation),
+                read_images(list(class_paths), resolution, threads, interpolation))
 
     def load() -> tuple[list[str], Any]:
         import torch
@@ -43,6 +43,6 @@ def preload(cfg: TrainConfig, model_dir: Path, instance_paths: list[Path], class
         devices = [torch.device(name) for name in names]
         frozen_dtype = Precision(cfg.mixed_precision, devices[0]).frozen_dtype
         return names, load_for_training(model_dir, devices[0], devices[-1], frozen_dtype, cfg.trains_text_encoder,
-                                        lora=cfg.use_lora)
+                                        cfg.use_lora, cfg.pretrained_vae_model_name_or_path)
 
     return Preloaded(models=Preloading(load), images=Preloading(read))

@@ -20,6 +20,8 @@ from raybooth.driver.runs import RunFolder
 from raybooth.errors import RayboothError
 from raybooth.files.lock import output_lock
 from raybooth.generate.sample_plans import SampleSet, plan_sample_set
+from raybooth.models.export import write_extra_formats
+from raybooth.models.folders import model_family
 from raybooth.models.output import TRAINING_LOG, copy_base_components, copy_trained, finish_model_dir, start_model_dir
 from raybooth.terminal.log import log
 from raybooth.terminal.raylog import send_ray_output
@@ -86,6 +88,7 @@ def train_locked(cfg: TrainConfig, inputs: Inputs, extra_samples: tuple[SampleSe
     # The partial folder holds the trained weights now: whatever fails from here on keeps it, and
     # Ray Train's run folder with the logs that may not have moved yet.
     try:
+        write_extra_formats(partial, Path(cfg.output_dir), cfg.save_single_file, cfg.output_kohya_format)
         report_run(cfg, logs, partial, inputs.instance_paths, main_samples.paths() if main_samples else [], started)
         output_dir = finish_model_dir(partial, cfg.output_dir)
     except BaseException as error:
@@ -107,8 +110,11 @@ def launch(plan: TrainPlan, preloaded: Preloaded | None, run: RunFolder, class_e
     loop to Ray Train; the result once the workers finish."""
     cfg, partial = plan.config, Path(plan.output_partial)
     if not cfg.use_lora:  # a LoRA output holds the adapter alone, no pipeline
-        copy_base_components(plan.model_dir, partial,
-                             skip=("unet", "text_encoder") if cfg.train_text_encoder else ("unet",))
+        trained_encoders = model_family(plan.model_dir).text_encoder_names if cfg.train_text_encoder else ()
+        own_vae = cfg.pretrained_vae_model_name_or_path
+        copy_base_components(plan.model_dir, partial, skip=("unet", *trained_encoders, *(("vae",) if own_vae else ())))
+        if own_vae:  # the VAE it trained and sampled with
+            shutil.copytree(own_vae, partial / "vae")
     (partial / OUTPUT_TOKEN).write_text(plan.output_token)
     to_make = sum("file" in entry for entry in class_entries)
     log(f"fine-tuning {plan.model_dir} on {len(plan.instance_paths)} instance and {len(class_entries)} class images "
@@ -118,7 +124,8 @@ def launch(plan: TrainPlan, preloaded: Preloaded | None, run: RunFolder, class_e
     if cap:
         log(cap)
     images = ({} if plan.local and preloaded  # read already
-              else datasets([Path(path) for path in plan.instance_paths], plan.class_shares, plan.resolution))
+              else datasets([Path(path) for path in plan.instance_paths], plan.class_shares, plan.resolution,
+                             cfg.image_interpolation_mode))
     result = fit(plan, images, run, preloaded)
     log("workers finished")
     return result

@@ -32,14 +32,18 @@ def checkpoint_name(step: int) -> str:
 # silently keep the old value), or takes effect when the run resumes, and is logged as changed.
 # tests/test_resume_settings.py fails on a setting in neither list.
 FINGERPRINT_FIELDS = (
-    "model_dir", "instance_images_dir", "instance_prompt", "class_images_dir", "class_prompt", "num_class_images",
+    "model_dir", "pretrained_vae_model_name_or_path", "instance_images_dir", "instance_prompt", "class_images_dir", "class_prompt", "num_class_images",
     "num_workers", "train_batch_size", "seed", "train_text_encoder",  # the data stream and what trains
-    "use_lora", "lora_rank", "lora_alpha", "lora_text_encoder",
+    "use_lora", "lora_rank", "lora_alpha", "lora_text_encoder", "use_dora", "lora_dropout",
     # A step's meaning, the optimizer's and schedule's state (restored with the old values), the prompts' ids:
     "lr", "text_encoder_lr", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
+    "optimizer", "adam_weight_decay_text_encoder", "prodigy_beta3", "prodigy_decouple", "prodigy_use_bias_correction",
+    "prodigy_safeguard_warmup",
     "gradient_accumulation_steps", "use_8bit_adam", "use_ema", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles",
     "lr_power", "scale_lr", "train_text_encoder_steps", "center_crop", "random_flip", "tokenizer_max_length",
-    "resolution")
+    "resolution",
+    # The photos' share of an epoch, their pixels and their prompts: the data stream itself.
+    "repeats", "image_interpolation_mode", "caption_column")
 TAKES_EFFECT_ON_RESUME = (
     # How long, and the loss's terms: read afresh each step.
     "num_epochs", "max_train_steps", "prior_loss_weight", "max_grad_norm", "offset_noise", "snr_gamma", "class_noun",
@@ -52,6 +56,7 @@ TAKES_EFFECT_ON_RESUME = (
     "local_mode", "overwrite", "report_every_n_steps", "verbose", "report_to", "logging_dir", "validation_prompt",
     "validation_steps", "num_validation_images", "validation_inference_steps", "sample_batch_size", "sampler",
     "num_inference_steps", "guidance_scale", "sample_prompts", "num_samples_per_prompt", "samples_dir",
+    "original_config_dir", "save_single_file", "output_kohya_format",
     "resume_from_checkpoint")  # how to resume: never logged as a change
 
 

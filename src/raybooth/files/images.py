@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from raybooth.errors import RayboothError
+from raybooth.files.captions import CAPTION_SUFFIX, is_caption_file
 from raybooth.terminal.log import log
 
 # What Ray Data's read_images reads, plus webp.
@@ -45,9 +46,11 @@ def find_images(folder: Path, role: str, may_be_empty: bool = False, resolution:
     on the way in get a warning naming them: transparency flattened onto white, or (given the
     training `resolution`) a size that must be scaled up.
 
-    `role` names the folder in messages ("instance images"). Hidden files are ignored; any other
-    file that is not an image is an error rather than silently skipped, since a subject set
-    of five photos with one unread is not what the user asked to train on.
+    `role` names the folder in messages ("instance images"). Hidden files are ignored, and so are
+    captions (NAME.txt beside an image NAME.*, metadata.jsonl or .csv: the driver reads the
+    photos' own with files/captions.py); any other file that is not an image is an error rather
+    than silently skipped, since a subject set of five photos with one unread is not what the
+    user asked to train on.
     """
     folder = Path(folder).expanduser().absolute()  # Ray tasks do not share our working directory
     if may_be_empty and not folder.exists():
@@ -61,11 +64,15 @@ def find_images(folder: Path, role: str, may_be_empty: bool = False, resolution:
     except PermissionError:
         raise RayboothError(f"{role} folder {folder} cannot be read (permission denied)") from None
     check_links(entries)
-    files = [p for p in entries if p.is_file()]
-    strangers = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    stems = {p.stem for p in files}
+    strangers = [p.name for p in entries if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES
+                 and not is_caption_file(p, stems)]
     if strangers:
+        caption = any(name.lower().endswith(CAPTION_SUFFIX) for name in strangers)
         raise RayboothError(f"{role} folder {folder} holds files that are not images: {', '.join(strangers[:5])}"
-                            f"{' ...' if len(strangers) > 5 else ''} (images end in {' '.join(IMAGE_SUFFIXES)})")
+                            f"{' ...' if len(strangers) > 5 else ''} (images end in {' '.join(IMAGE_SUFFIXES)}"
+                            f"{'; the caption of NAME.jpg is NAME.txt' if caption else ''})")
     if not files and may_be_empty:
         return []
     if not files:
@@ -82,10 +89,11 @@ def find_images(folder: Path, role: str, may_be_empty: bool = False, resolution:
 
 
 def check_links(paths: list[Path]) -> None:
-    """A photo that is a broken symbolic link (its target gone, or a loop) is an error, as an
-    unreadable photo is, rather than a file silently left out."""
+    """A photo (or its caption) that is a broken symbolic link (its target gone, or a loop) is an
+    error, as an unreadable photo is, rather than a file silently left out."""
     for path in paths:
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_symlink() and not path.exists():
+        wanted = path.suffix.lower() in IMAGE_SUFFIXES or is_caption_file(path)  # any .txt: it may be a caption
+        if wanted and path.is_symlink() and not path.exists():
             try:
                 os.stat(path)
                 continue  # appeared meanwhile
@@ -108,6 +116,19 @@ def check_image(path: Path) -> tuple[tuple[int, int], bool]:
     if size[0] * size[1] > Image.MAX_IMAGE_PIXELS:
         log(f"warning: {path} is {size[0]}x{size[1]}, an unusually large image; it is read at a reduced scale")
     return size, transparent
+
+
+def upright_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image as it is seen upright (after its EXIF orientation), read from
+    its header: SDXL's micro-conditioning takes each photo's size before it is resized."""
+    with open_image(path) as image:
+        width, height = image.size
+        if image.getexif().get(ORIENTATION_TAG) in (5, 6, 7, 8):  # turned a quarter: the sides swap
+            width, height = height, width
+    return height, width
+
+
+ORIENTATION_TAG = 0x0112
 
 
 def open_image(path: Path) -> Image.Image:
@@ -142,29 +163,44 @@ def read_rgb(path: Path) -> np.ndarray:
         return np.asarray(to_rgb(ImageOps.exif_transpose(image)))
 
 
-def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    """Scale so the shorter side is `size`, keeping the aspect ratio (photos come at 600-4000 px)."""
+# --image_interpolation_mode's names (torchvision's, lowercased, as diffusers' scripts take them)
+# and the PIL filter each stands for: torchvision resizes a PIL image with PIL's own filter, and
+# its nearest and nearest_exact are both PIL's nearest (its pil_modes_mapping).
+RESAMPLING = {"nearest": Image.Resampling.NEAREST, "nearest_exact": Image.Resampling.NEAREST,
+              "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+              "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING, "lanczos": Image.Resampling.LANCZOS}
+# raybooth's filter since before the flag: diffusers' scripts default to lanczos, which differs
+# from it by a few levels at edges; runs and checkpoints made before keep their pixels.
+DEFAULT_INTERPOLATION = "bicubic"
+
+
+def resize_shorter_side(image: Image.Image, size: int, interpolation: str = DEFAULT_INTERPOLATION) -> Image.Image:
+    """Scale so the shorter side is `size`, keeping the aspect ratio (photos come at 600-4000 px),
+    with the filter `interpolation` names (RESAMPLING)."""
     scale = size / min(image.size)
     new_size = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
-    return image if new_size == image.size else image.resize(new_size, Image.Resampling.BICUBIC)
+    return image if new_size == image.size else image.resize(new_size, RESAMPLING[interpolation])
 
 
-def load_image(path: str | Path, resolution: int) -> np.ndarray:
+def load_image(path: str | Path, resolution: int, interpolation: str = DEFAULT_INTERPOLATION) -> np.ndarray:
     """One image as uint8 RGB (HWC), upright by its EXIF orientation, shorter side `resolution`."""
     with open_image(path) as image:
         # A JPEG decodes at 1/2, 1/4 or 1/8 scale for a fraction of the time, never below the size we need.
         scale = resolution / min(image.size)
         image.draft("RGB", (max(1, round(image.width * scale)), max(1, round(image.height * scale))))
         image = ImageOps.exif_transpose(image)
-        return np.asarray(resize_shorter_side(to_rgb(image), resolution))
+        return np.asarray(resize_shorter_side(to_rgb(image), resolution, interpolation))
 
 
-def load_images(batch: dict[str, np.ndarray], resolution: int) -> dict[str, list]:
-    return {"path": list(batch["path"]), "image": [load_image(path, resolution) for path in batch["path"]]}
+def load_images(batch: dict[str, np.ndarray], resolution: int,
+                interpolation: str = DEFAULT_INTERPOLATION) -> dict[str, list]:
+    return {"path": list(batch["path"]),
+            "image": [load_image(path, resolution, interpolation) for path in batch["path"]]}
 
 
-def read_images(paths: list[str], resolution: int, threads: int = 8) -> dict[str, np.ndarray]:
+def read_images(paths: list[str], resolution: int, threads: int = 8,
+                interpolation: str = DEFAULT_INTERPOLATION) -> dict[str, np.ndarray]:
     """{path: image} for `paths`, as Ray Data's tasks make them, read by a few threads of this
     process (Pillow decodes and resizes without holding Python's lock)."""
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        return dict(zip(paths, pool.map(lambda path: load_image(path, resolution), paths)))
+        return dict(zip(paths, pool.map(lambda path: load_image(path, resolution, interpolation), paths)))

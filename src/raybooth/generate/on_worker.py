@@ -39,12 +39,12 @@ def pipeline_from_models(models, model_dir: Path, sampler: str, safety_checker: 
             return module
         return fuse_adapters(copy.deepcopy(module)).to(device, dtype).eval().requires_grad_(False)
 
-    without_checker = {} if safety_checker else dict(safety_checker=None, requires_safety_checker=False)
-    # A text encoder freed by --pre_compute_text_embeddings is loaded again from model_dir.
-    text_encoder = {} if models.text_encoder is None else {"text_encoder": for_inference(models.text_encoder)}
-    pipeline = model_family(model_dir).pipeline_class().from_pretrained(
-        model_dir, unet=for_inference(models.unet), vae=for_inference(models.vae), **text_encoder,
-        **without_checker).to(device, dtype)
+    family = model_family(model_dir)
+    # Text encoders freed by --pre_compute_text_embeddings are loaded again from model_dir.
+    text_encoders = {name: for_inference(module) for name, module in models.text_encoders().items()}
+    pipeline = family.pipeline_class().from_pretrained(
+        model_dir, unet=for_inference(models.unet), vae=for_inference(models.vae), **text_encoders,
+        **family.generation_options(safety_checker)).to(device, dtype)
     pipeline.set_progress_bar_config(disable=True)
     use_sampler(pipeline, sampler)
     return pipeline

@@ -61,10 +61,10 @@ def load_pipeline(model_dir: str | Path, device: str, dtype: str, sampler: str, 
 
     from raybooth.models.loading import use_flash_attention
 
-    without_checker = {} if safety_checker else dict(safety_checker=None, requires_safety_checker=False)
+    family = model_family(Path(model_dir))
     # Built in host memory, then moved: reading each weight straight onto the GPU (device_map)
     # loaded no faster (bench/RESULTS.md, runs AH and BD).
-    pipeline = model_family(Path(model_dir)).pipeline_class().from_pretrained(model_dir, **without_checker).to(
+    pipeline = family.pipeline_class().from_pretrained(model_dir, **family.generation_options(safety_checker)).to(
         device, inference_dtype(dtype, device))
     if lora_weights:
         load_adapters(pipeline, Path(lora_weights), lora_scale)

@@ -67,6 +67,24 @@ def _check_model_dir(path: Path) -> Path:
     return path
 
 
+def check_vae_dir(path: Path) -> Path:
+    """A VAE folder of its own (--pretrained_vae_model_name_or_path), absolute, checked as a
+    pipeline's components are: an AutoencoderKL config and readable weights."""
+    path = Path(path).expanduser().absolute()
+    if not path.is_dir():
+        raise RayboothError(f"VAE folder {path} does not exist")
+    config = read_json(path / "config.json", "VAE config")
+    if config.get("_class_name") != "AutoencoderKL":
+        raise RayboothError(f"{path} holds a {config.get('_class_name')}, not a VAE (AutoencoderKL)")
+    weights = [f for f in path.iterdir() if f.name.endswith(_WEIGHT_SUFFIXES) and f.is_file()]
+    if not weights:
+        raise RayboothError(f"VAE folder {path} has no weights (no .safetensors or .bin file)")
+    for file in weights:
+        if file.suffix == ".safetensors":
+            check_weights(file)
+    return path
+
+
 def model_family(model_dir: Path) -> ModelFamily:
     """The family of the pipeline folder `model_dir` (models/families/)."""
     return family_of_index(model_dir, read_json(Path(model_dir) / "model_index.json", "model index"))

@@ -1,5 +1,5 @@
-"""Loading a pipeline folder's parts for training: the UNet, text encoder, VAE and noise scheduler
-as one training worker needs them, its tokenizer and prompt ids, and the precision and attention
+"""Loading a pipeline folder's parts for training: the UNet, text encoders, VAE and noise scheduler
+as one training worker needs them, its tokenizers and prompt ids, and the precision and attention
 kernels they run in. torch, diffusers and transformers are imported where used: the driver checks
 prompts against the tokenizer before it imports them, so bad input fails at once."""
 
@@ -39,20 +39,35 @@ def use_flash_attention(device: torch.device | str) -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-def load_tokenizer(model_dir: Path):
+def load_tokenizer(model_dir: Path, subfolder: str = "tokenizer"):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+    return AutoTokenizer.from_pretrained(model_dir, subfolder=subfolder)
+
+
+def load_tokenizers(model_dir: Path) -> list:
+    """Every tokenizer of the folder's family, in the order their ids stack (SDXL has two)."""
+    from raybooth.models.folders import model_family
+
+    return [load_tokenizer(model_dir, name) for name in model_family(model_dir).tokenizers]
+
+
+def prompt_ids(tokenizers: list, prompt: str, max_length: int | None = None) -> np.ndarray:
+    """A prompt's ids as its family's text encoders take them: (tokens,) for one tokenizer,
+    (tokenizers, tokens) for several."""
+    ids = [tokenize(tokenizer, prompt, max_length) for tokenizer in tokenizers]
+    return ids[0] if len(ids) == 1 else np.stack(ids)
 
 
 def load_for_training(model_dir: Path, device: torch.device, text_encoder_device: torch.device,
-                      frozen_dtype: torch.dtype, train_text_encoder: bool, lora: bool = False):
+                      frozen_dtype: torch.dtype, train_text_encoder: bool, lora: bool = False,
+                      vae_dir: Path | None = None):
     """The models one training worker needs (models/modules.DreamBoothModels), loaded as the
     folder's family loads them: trained modules in fp32, frozen ones in `frozen_dtype`."""
     from raybooth.models.folders import model_family
 
     return model_family(model_dir).load_for_training(model_dir, device, text_encoder_device, frozen_dtype,
-                                                     train_text_encoder, lora)
+                                                     train_text_encoder, lora, vae_dir)
 
 
 def save_trained_modules(models, folder: Path) -> None:
@@ -61,4 +76,5 @@ def save_trained_modules(models, folder: Path) -> None:
 
     unwrap(models.unet).save_pretrained(folder / "unet")
     if models.train_text_encoder:
-        unwrap(models.text_encoder).save_pretrained(folder / "text_encoder")
+        for name, module in models.text_encoders().items():
+            unwrap(module).save_pretrained(folder / name)

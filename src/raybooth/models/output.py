@@ -24,6 +24,15 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 LORA_SETTINGS = "raybooth_lora.json"
 
 
+# What `train --output_kohya_format` adds to a LoRA output (diffusers' SDXL script's name), and what
+# `train --save_single_file` adds to a pipeline output: one checkpoint file named after the folder.
+KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
+
+
+def single_file_name(output_dir: Path) -> str:
+    return f"{Path(output_dir).name}.safetensors"
+
+
 def check_output_dir(path: Path, overwrite: bool) -> None:
     """Refuse an output folder that would lose something: one holding a model (unless
     `overwrite`), and one holding anything else, which --overwrite would delete with it."""
@@ -41,10 +50,10 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
         what = "a LoRA adapter" if lora else "a model"
         raise RayboothError(f"{path} already holds {what}; pass --overwrite to replace it")
     if lora:
-        model_parts = {LORA_WEIGHTS, LORA_SETTINGS, TRAINING_LOG, *OUTPUT_EXTRAS}
+        model_parts = {LORA_WEIGHTS, LORA_SETTINGS, KOHYA_WEIGHTS, TRAINING_LOG, *OUTPUT_EXTRAS}
     else:
-        model_parts = {"model_index.json", TRAINING_LOG, *OUTPUT_EXTRAS, *read_json(path / "model_index.json",
-                                                                                     "model index")}
+        model_parts = {"model_index.json", TRAINING_LOG, single_file_name(path), *OUTPUT_EXTRAS,
+                       *read_json(path / "model_index.json", "model index")}
     strangers = sorted(entry.name for entry in path.iterdir() if entry.name not in model_parts)
     if strangers:
         raise RayboothError(f"{path} holds a model and other files ({', '.join(strangers[:5])}), which "

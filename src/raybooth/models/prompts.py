@@ -92,3 +92,23 @@ def check_prompt_lengths(model_dir: Path, prompts: dict[str, str], must_keep: di
                                 f"{' '.join(lost)!r} falls past the cut; shorten the prompt")
         log(f"warning: {flag} is {len(ids)} tokens, and the text encoder reads {limit}: "
             f"{tokenizer.decode(ids[limit:]).strip()!r} is cut off")
+
+
+def check_captions(model_dir: Path, captions: dict[str, str], identifier: list[str], noun: list[str],
+                   max_length: int | None = None) -> None:
+    """The photos' own prompts (files/captions.py) against the same rules of length as the
+    instance prompt: a caption the text encoder cuts short is warned about, and refused where the
+    cut drops the identifier or the class noun it names. One that lacks the identifier is not
+    refused (a caption may describe a style, or a photo's other parts), but said, in one line: a
+    photo trained without it teaches the identifier nothing."""
+    lacking = [Path(path).name for path, caption in captions.items()
+               if not set(identifier) <= set(words(caption))]
+    if lacking:
+        log(f"warning: {len(lacking)} of {len(captions)} captions do not name the identifier "
+            f"{' '.join(identifier)!r} ({', '.join(lacking[:3])}{' ...' if len(lacking) > 3 else ''}): "
+            "those photos teach it nothing")
+    flags = {f"the caption of {Path(path).name}": caption for path, caption in captions.items()}
+    keep = {flag: [word for word in identifier + noun if word in words(caption)] for flag, caption in flags.items()}
+    check_prompt_lengths(model_dir, flags, keep)
+    if max_length is not None:  # --tokenizer_max_length: the training prompts' own cut
+        check_prompt_lengths(model_dir, flags, keep, max_length)

@@ -1,4 +1,4 @@
-"""A tiny Stable-Diffusion-architecture pipeline, built offline from configs, and a small toy
+"""Tiny Stable Diffusion and SDXL architecture pipelines, built offline from configs, and a small toy
 car photo set: what the tests and the demo run on where no real weights can be had."""
 
 from __future__ import annotations
@@ -64,11 +64,53 @@ def build_tiny_pipeline(seed: int = 0):
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def write_tiny_model(output_dir: Path, seed: int = 0, overwrite: bool = False) -> Path:
+def build_tiny_xl_pipeline(seed: int = 0):
+    """SDXL's architecture in miniature, as diffusers' own SDXL tests build it: two CLIP text
+    encoders (the second with a projection) whose hidden states join into the UNet's 80-channel
+    cross-attention, and a UNet that adds the pooled embedding and six time ids to its timestep
+    embedding. Native resolution 64 px; the SDXL scheduler's settings (Euler, leading spacing)."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    # The second encoder wider than the first, as bigG is beside ViT-L: two encoders of one shape would
+    # make their weights interchangeable to readers that tell them apart by shape (from_single_file).
+    # Its projection narrower than it, as SDXL's is not: a layout that forgot to transpose it would fail.
+    time_embed_dim, width, width_2, projection = 8, 32, 48, 40
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=width + width_2, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
+        addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * time_embed_dim + projection)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=8, sample_size=64, scaling_factor=0.13025, force_upcast=True)
+    def config(hidden: int, act: str):  # CLIP ViT-L's activation is quick_gelu, OpenCLIP bigG's gelu
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, projection_dim=projection,
+            hidden_act=act, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id)
+
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
+                                       prediction_type="epsilon")
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(config(width, "quick_gelu")),
+        text_encoder_2=CLIPTextModelWithProjection(config(width_2, "gelu")),
+        tokenizer=tokenizer, tokenizer_2=build_tokenizer(), unet=unet, scheduler=scheduler, add_watermarker=False)
+
+
+def write_tiny_model(output_dir: Path, seed: int = 0, overwrite: bool = False, family: str = "sd") -> Path:
+    """A tiny pipeline of `family` ("sd" or "sdxl") in `output_dir`."""
     from raybooth.terminal.log import quiet_model_libraries
 
     quiet_model_libraries()  # no shard-writing bar or notices among the demo's lines
-    pipeline = build_tiny_pipeline(seed)
+    pipeline = build_tiny_xl_pipeline(seed) if family == "sdxl" else build_tiny_pipeline(seed)
     return write_model_dir(output_dir, lambda folder: pipeline.save_pretrained(folder), overwrite)
 
 

@@ -13,9 +13,11 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 import torch
 
+from raybooth.models.families import time_ids
 from raybooth.train.crop_latents import (DRAWS_PER_CROP_TO_ENCODE_FIRST, MAX_REMEMBERED_BYTES, Crop, CropLatents,
                                          bytes_per_crop, encode, normalize)
 from raybooth.train.loss import Batch
+from raybooth.train.row_prompts import RowPrompts
 
 
 def to_device_image(image: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -42,19 +44,22 @@ class TrainingSet:
     def __init__(self, instance_images: list[np.ndarray], class_images: list[np.ndarray], resolution: int,
                  pairs: list[tuple[int, int]], batch_size: int, instance_prompt_ids: np.ndarray,
                  class_prompt_ids: np.ndarray, device: torch.device, seed: int, *, accumulation: int = 1,
-                 center_crop: bool = False, random_flip: bool = False):
+                 center_crop: bool = False, random_flip: bool = False,
+                 original_sizes: list[tuple[int, int]] | None = None, photo_prompt_ids: list[np.ndarray] | None = None):
         if not class_images:
             raise ValueError("a worker has no class images")
         self.resolution, self.pairs, self.batch_size, self.device = resolution, pairs, batch_size, device
         # A step takes `accumulation` micro-batches of `batch_size` pairs (gradient accumulation).
         self.accumulation, self.center_crop, self.random_flip = accumulation, center_crop, random_flip
-        self.prompt_embeds: torch.Tensor | None = None  # set when the prompts are encoded once
+        # SDXL's micro-conditioning: each photo's (height, width) before it was resized; None for SD.
+        self.original_sizes = original_sizes
         self.instance_images = [to_device_image(image, device) for image in instance_images]
         self.class_images = [to_device_image(image, device) for image in class_images]
         self.class_latents: tuple[torch.Tensor, torch.Tensor] | None = None
         self.crop_latents: CropLatents | None = None  # set when the instance crops' latents are remembered
-        ids = np.concatenate([np.tile(instance_prompt_ids, (batch_size, 1)), np.tile(class_prompt_ids, (batch_size, 1))])
-        self.prompt_ids = torch.from_numpy(ids).to(device)
+        # Each photo's prompt ids (its caption's, where it has one), the class prompt's on class rows.
+        self.prompts = RowPrompts(photo_prompt_ids or [instance_prompt_ids] * len(instance_images), class_prompt_ids,
+                                  device)
         self.rng = np.random.default_rng(seed)  # crops and order: host-side, so no step waits on the GPU
 
     @property
@@ -159,19 +164,36 @@ class TrainingSet:
             self.corner(self.class_images[c], self.center_crop) for c in classes]
         return Draw(crops, classes, corners)
 
+    def time_ids(self, draw: Draw) -> torch.Tensor | None:
+        """SDXL's micro-conditioning of each row, as diffusers' SDXL script computes it: the photo's
+        size before resizing and the crop's corner in the resized (then flipped) photo. Class rows
+        give their image as read (generated ones: the training size, uncropped)."""
+        if self.original_sizes is None:
+            return None
+        side, rows = self.resolution, []
+        for crop in draw.crops:
+            width = self.instance_images[crop.image].shape[2]
+            rows.append(time_ids(self.original_sizes[crop.image],
+                                 (crop.top, width - side - crop.left if crop.flipped else crop.left), (side, side)))
+        for index, corner in zip(draw.classes, draw.class_corners or [(0, 0)] * len(draw.classes)):
+            size = (side, side) if self.class_latents is not None else tuple(self.class_images[index].shape[1:])
+            rows.append(time_ids(size, corner, (side, side)))
+        return torch.tensor(rows, dtype=torch.float32).to(self.device)
+
     def batch(self, draw: Draw) -> Batch:
         crops, classes = draw.crops, draw.classes
+        prompts = dict(self.prompts.of([crop.image for crop in crops]), time_ids=self.time_ids(draw))
         if self.class_latents is not None:
             # Indexing with host ints, not a tensor: copying an index tensor in would wait on the GPU.
             mean, std = (torch.stack([latents[c] for c in classes]) for latents in self.class_latents)
             if self.crop_latents is None:
-                return Batch(self.crop_pixels(crops), self.prompt_ids, mean, std, self.prompt_embeds)
+                return Batch(self.crop_pixels(crops), latent_mean=mean, latent_std=std, **prompts)
             instance_mean, instance_std = self.crop_latents.of(crops)
-            return Batch(None, self.prompt_ids, torch.cat([instance_mean, mean]), torch.cat([instance_std, std]),
-                         self.prompt_embeds)
+            return Batch(None, latent_mean=torch.cat([instance_mean, mean]), latent_std=torch.cat([instance_std, std]),
+                         **prompts)
         class_crops = [self.cut(self.class_images[c], *corner) for c, corner in zip(classes, draw.class_corners)]
         pixels = torch.cat([self.crop_pixels(crops), normalize(torch.stack(class_crops))])
-        return Batch(pixels, self.prompt_ids, prompt_embeds=self.prompt_embeds)
+        return Batch(pixels, **prompts)
 
     def step_draws(self, pairs: list[tuple[int, int]]) -> list[Draw]:
         """One step's random choices: its micro-batches' (several with accumulation)."""

@@ -26,8 +26,7 @@ def trained_tensors(models) -> dict[str, torch.Tensor]:
     from raybooth.models.modules import unwrap
 
     named = {f"{prefix}.{name}": parameter
-             for prefix, module in (("unet", models.unet), ("text_encoder", models.text_encoder))
-             if module is not None  # a text encoder freed by --pre_compute_text_embeddings
+             for prefix, module in {"unet": models.unet, **models.text_encoders()}.items()  # those not freed
              for name, parameter in unwrap(module).named_parameters() if parameter.requires_grad}
     tensors = models.masters.masters_of(list(named.values())) if models.masters is not None else named.values()
     return {name: tensor.detach() for name, tensor in zip(named, tensors)}

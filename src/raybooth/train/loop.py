@@ -9,6 +9,7 @@ one set of processes is most of what makes a run short."""
 
 from __future__ import annotations
 
+import functools
 import socket
 import tempfile
 import time
@@ -25,7 +26,8 @@ from raybooth.config import TrainConfig
 from raybooth.errors import RayboothError
 from raybooth.generate.on_worker import make_images_on_worker, park_vae_decoder
 from raybooth.models import lora
-from raybooth.models.loading import load_for_training, load_tokenizer, tokenize, use_flash_attention
+from raybooth.models.folders import model_family
+from raybooth.models.loading import load_for_training, load_tokenizers, prompt_ids, use_flash_attention
 from raybooth.models.modules import DreamBoothModels, unwrap
 from raybooth.terminal.log import log, quiet_model_libraries, set_clock
 from raybooth.train.batches import TrainingSet, pairing
@@ -112,20 +114,22 @@ def set_up(plan: TrainPlan, preloaded: Preloaded | None) -> Worker:
         loading = time.monotonic()
         models = (preloaded_models(preloaded, plan)
                   or load_for_training(model_dir, device, text_encoder_device, precision.frozen_dtype,
-                                       cfg.trains_text_encoder, lora=cfg.use_lora))
+                                       cfg.trains_text_encoder, cfg.use_lora, cfg.pretrained_vae_model_name_or_path))
         say(f"model loaded on {device} in {time.monotonic() - loading:.1f} s")
         # No safety checker: the black images it returns for flagged samples would teach the prior.
         made = make_images_on_worker(models, model_dir, [entry for entry in share if "file" in entry],
                                      Path(plan.class_images_dir), cfg, plan.resolution, "class images", say,
                                      bar=plan.progress_bars and rank == 0)
-        tokenizer = load_tokenizer(model_dir)
+        tokenizers = load_tokenizers(model_dir)
         instance_images, class_images = reading.result()
+    tokenized = functools.cache(lambda prompt: prompt_ids(tokenizers, prompt, cfg.tokenizer_max_length))
     training_set = TrainingSet(
         instance_images, class_images + made, plan.resolution,
         pairing(len(instance_images), len(class_images) + len(made), plan.pairs_per_worker, rank, world_size),
-        cfg.train_batch_size, tokenize(tokenizer, cfg.instance_prompt, cfg.tokenizer_max_length),
-        tokenize(tokenizer, cfg.class_prompt, cfg.tokenizer_max_length), device, cfg.seed + rank,
-        accumulation=cfg.gradient_accumulation_steps, center_crop=cfg.center_crop, random_flip=cfg.random_flip)
+        cfg.train_batch_size, tokenized(cfg.instance_prompt), tokenized(cfg.class_prompt), device, cfg.seed + rank,
+        accumulation=cfg.gradient_accumulation_steps, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
+        original_sizes=plan.original_sizes() if model_family(model_dir).micro_conditioning else None,
+        photo_prompt_ids=[tokenized(prompt) for prompt in plan.photo_prompts()])  # captions: files/captions.py
     training_set.encode_ahead(models.vae, plan.total_steps(), say)
     make_samples(plan, rank, models, cfg, say, before_training=True)  # the pretrained model's
     park_vae_decoder(models)  # on a GPU, in host memory: steps only encode; images made later bring it back
@@ -134,8 +138,8 @@ def set_up(plan: TrainPlan, preloaded: Preloaded | None) -> Worker:
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(models)
     if cfg.pre_compute_text_embeddings:
-        training_set.prompt_embeds = precompute_prompt_embeddings(models, training_set.prompt_ids, precision)
-        say("prompts encoded once; the text encoder is freed")
+        encoded = training_set.prompts.encode_once(lambda ids: precompute_prompt_embeddings(models, ids, precision))
+        say(f"the {encoded} distinct prompts encoded once; the text encoders are freed")
     channels_last = uses_channels_last(cfg, device.type, world_size)
     if channels_last:  # after the class images and samples, whose sampling it slows (bench/RESULTS.md)
         models.unet.to(memory_format=torch.channels_last)

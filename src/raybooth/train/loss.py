@@ -64,7 +64,9 @@ class Batch:
     prompt_ids: torch.Tensor
     latent_mean: torch.Tensor | None = None
     latent_std: torch.Tensor | None = None
-    prompt_embeds: torch.Tensor | None = None  # the text encoder's output for prompt_ids, when computed once
+    prompt_embeds: torch.Tensor | None = None  # the text encoders' output for prompt_ids, when computed once
+    pooled_embeds: torch.Tensor | None = None  # with prompt_embeds, SDXL's pooled text embedding
+    time_ids: torch.Tensor | None = None  # SDXL: each row's original size, crop corner and target size
 
 
 def latent_distribution(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,11 +98,14 @@ def dreambooth_loss(models: DreamBoothModels, batch: Batch, prior_loss_weight: f
     timesteps = torch.randint(0, models.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                               device=latents.device)
     noisy_latents = models.noise_scheduler.add_noise(latents, noise, timesteps)
-    encoder_states = (batch.prompt_embeds.to(models.device) if batch.prompt_embeds is not None
-                      else models.encode_prompts(batch.prompt_ids))
+    encoder_states, pooled = ((batch.prompt_embeds.to(models.device), batch.pooled_embeds)
+                              if batch.prompt_embeds is not None else models.encode_prompts(batch.prompt_ids))
+    # SDXL's UNet also takes the pooled text embedding and each row's size and crop (models/families/).
+    added = None if batch.time_ids is None else {"text_embeds": pooled.to(models.device), "time_ids": batch.time_ids}
     if not torch.is_autocast_enabled(latents.device.type):  # the UNet computes in its weights' dtype
         noisy_latents, encoder_states = noisy_latents.to(models.dtype), encoder_states.to(models.dtype)
-    prediction = models.unet(noisy_latents, timesteps, encoder_states).sample
+        added = None if added is None else {name: value.to(models.dtype) for name, value in added.items()}
+    prediction = models.unet(noisy_latents, timesteps, encoder_states, added_cond_kwargs=added).sample
     target = diffusion_target(models.noise_scheduler, latents, noise, timesteps)
     weights = None if snr_gamma is None else min_snr_weights(models.noise_scheduler, timesteps, snr_gamma)
     return prior_preservation_loss(prediction, target, prior_loss_weight, weights)

@@ -35,8 +35,12 @@ class LossLog:
         self.last_report += seconds
 
     def learning_rate(self) -> float | None:
-        """The optimizer's current rate (a scheduler may change it; it may be a 0-dim tensor)."""
-        return None if self.optimizer is None else float(self.optimizer.param_groups[0]["lr"])
+        """The optimizer's current rate (a scheduler may change it; it may be a 0-dim tensor); under
+        Prodigy the step size it takes, its estimate d times the rate."""
+        if self.optimizer is None:
+            return None
+        group = self.optimizer.param_groups[0]
+        return float(group["lr"]) * float(group.get("d", 1.0))
 
     def flush(self) -> dict:
         """Average the pending losses over workers into the history; return the window's means."""

@@ -1,6 +1,7 @@
-"""What turns gradients into weights, beyond the step itself: the optimizer and its parameter
-groups, the learning-rate schedule, stopping the text encoder after N steps, the EMA of the
-UNet, and the memory options (gradient checkpointing, 8-bit Adam, prompts encoded once).
+"""What turns gradients into weights, beyond the step itself: the optimizer (AdamW, or Prodigy)
+and its parameter groups, the learning-rate schedule, stopping the text encoder after N steps,
+the EMA of the UNet, and the memory options (gradient checkpointing, 8-bit Adam, prompts encoded
+once).
 
 A CUDA graph replays the optimizer step with the values it captured, so whatever changes from
 step to step lives in tensors the graph reads: each group's learning rate and the text encoder's
@@ -8,11 +9,14 @@ gradient gate are 0-dim tensors, filled in place between replays."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 from dataclasses import dataclass
 
 import torch
 
+from raybooth.config.optimization import PRODIGY_INSTALL
 from raybooth.errors import RayboothError
 
 
@@ -36,12 +40,30 @@ def make_optimizer(parameters: list[torch.nn.Parameter] | list[dict], lr: float,
 EIGHT_BIT_INSTALL = "pip install 'raybooth[8bit]'"
 
 
+def make_prodigy(groups: list[dict], lr: float, cfg) -> torch.optim.Optimizer:
+    """prodigyopt's Prodigy with the --prodigy_* settings and AdamW's betas, epsilon and weight
+    decay, as diffusers' train_dreambooth_lora_sdxl.py builds it. A group's own weight_decay (the
+    text encoders') stands, as in AdamW."""
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:  # the driver checked its own machine (config/optimization.py); a worker's may lack it
+        raise RayboothError(f"--optimizer prodigy needs prodigyopt on every worker: {PRODIGY_INSTALL}") from None
+    with contextlib.redirect_stdout(io.StringIO()):  # its "Using decoupled weight decay" print, on every worker
+        return Prodigy(groups, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), beta3=cfg.prodigy_beta3,
+                       eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay, decouple=cfg.prodigy_decouple,
+                       use_bias_correction=cfg.prodigy_use_bias_correction,
+                       safeguard_warmup=cfg.prodigy_safeguard_warmup)
+
+
 def learning_rates(cfg, world_size: int) -> tuple[float, float]:
     """(UNet's, text encoder's) peak learning rate. --scale_lr scales --lr by the examples one
-    optimizer step sees over all workers, as diffusers does; --text_encoder_lr stays as given."""
+    optimizer step sees over all workers, as diffusers does; --text_encoder_lr stays as given.
+    Prodigy takes one rate for all its groups (config/optimization.py refuses another one)."""
     lr = cfg.learning_rate()
     if cfg.scale_lr:
         lr *= cfg.train_batch_size * cfg.gradient_accumulation_steps * world_size
+    if cfg.optimizer == "prodigy":
+        return lr, lr
     return lr, cfg.text_encoder_lr if cfg.text_encoder_lr is not None else lr
 
 
@@ -49,6 +71,8 @@ def graph_blocker(cfg) -> str | None:
     """Why the options rule out capturing the step as a CUDA graph, or None. (Gradient
     checkpointing, accumulation, schedules, the EMA and the text encoder's stop replay exactly as
     the eager step runs: tests/gpu/options_check.py.)"""
+    if cfg.optimizer == "prodigy":
+        return "--optimizer prodigy (Prodigy reads its step-size estimate back to the host each step)"
     if cfg.use_8bit_adam:
         return "--use_8bit_adam (bitsandbytes keeps its step count on the host)"
     if cfg.text_encoder_lr is not None and cfg.trains_text_encoder:
@@ -80,18 +104,21 @@ def check_8bit_adam(on_gpu: bool) -> None:
 def enable_gradient_checkpointing(models) -> None:
     models.unet.enable_gradient_checkpointing()
     if models.train_text_encoder:
-        models.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for encoder in models.text_encoders().values():
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def precompute_prompt_embeddings(models, prompt_ids: torch.Tensor, precision) -> torch.Tensor:
-    """The frozen text encoder's output for the training prompts, computed once as each step would
-    compute it; the encoder is then dropped from the models (generation loads it again)."""
+def precompute_prompt_embeddings(models, prompt_ids: torch.Tensor,
+                                 precision) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The frozen text encoders' output for the training prompts (hidden states, and SDXL's pooled
+    embedding), computed once as each step would compute it; the encoders are then dropped from
+    the models (generation loads them again)."""
     with torch.no_grad(), precision.autocast():
-        embeddings = models.encode_prompts(prompt_ids)
-    models.text_encoder = None
+        embeddings, pooled = models.encode_prompts(prompt_ids)
+    models.text_encoder = models.text_encoder_2 = None
     if embeddings.device.type == "cuda":
         torch.cuda.empty_cache()
-    return embeddings
+    return embeddings, pooled
 
 
 def ema_parameters(models) -> list[torch.nn.Parameter]:
@@ -185,7 +212,8 @@ def build_optimization(models, cfg, total_steps: int, world_size: int = 1, lr_as
     text_encoder_group = None
     if models.train_text_encoder:
         text_encoder_group = len(groups)
-        groups.append({"params": stepped(models.text_encoder), "lr": text_encoder_lr})
+        groups.append({"params": [p for encoder in models.text_encoders().values() for p in stepped(encoder)],
+                       "lr": text_encoder_lr, "weight_decay": cfg.text_encoder_weight_decay()})
         if cfg.train_text_encoder_steps is not None:
             models.text_encoder_gate = torch.ones((), device=models.text_encoder_device)
     optimizer = make_optimizer_for(groups, unet_lr, cfg)
@@ -206,6 +234,7 @@ def build_optimization(models, cfg, total_steps: int, world_size: int = 1, lr_as
 
 
 def make_optimizer_for(groups: list[dict], lr: float, cfg) -> torch.optim.Optimizer:
-
+    if cfg.optimizer == "prodigy":
+        return make_prodigy(groups, lr, cfg)
     return make_optimizer(groups, lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                           weight_decay=cfg.adam_weight_decay, eight_bit=cfg.use_8bit_adam)

@@ -29,6 +29,7 @@ def wrap(module: torch.nn.Module, stream: torch.cuda.Stream | None = None,
 
 def data_parallel(models, stream: torch.cuda.Stream | None = None, bucket_mb: int = DDP_BUCKET_MB):
     """`models` (models/modules.DreamBoothModels) with the trained modules in DDP, each on its own
-    device (the UNet and the text encoder may sit on two GPUs of one worker)."""
-    text_encoder = wrap(models.text_encoder, stream, bucket_mb) if models.train_text_encoder else models.text_encoder
-    return replace(models, unet=wrap(models.unet, stream, bucket_mb), text_encoder=text_encoder)
+    device (the UNet and the text encoders may sit on two GPUs of one worker)."""
+    encoders = ({name: wrap(module, stream, bucket_mb) for name, module in models.text_encoders().items()}
+                if models.train_text_encoder else {})
+    return replace(models, unet=wrap(models.unet, stream, bucket_mb), **encoders)

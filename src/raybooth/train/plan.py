@@ -41,6 +41,18 @@ class TrainPlan:
     use_gpu: bool = False
     gpus_per_worker: int = 0  # 0 on CPUs
     instance_paths: list[str] = field(default_factory=list)  # the subject's photos, in the order read
+    instance_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # each photo's upright (height, width)
+    instance_captions: dict[str, str] = field(default_factory=dict)  # the photos' own prompts (files/captions.py)
+
+    def original_sizes(self) -> list[tuple[int, int]]:
+        """The photos' sizes before resizing, in the order workers hold the photos (by path), for
+        SDXL's micro-conditioning."""
+        return [tuple(self.instance_sizes[path]) for path in sorted(self.instance_sizes)]
+
+    def photo_prompts(self) -> list[str]:
+        """Each photo's prompt, its caption or else --instance_prompt, in the order workers hold
+        the photos (by path)."""
+        return [self.instance_captions.get(path, self.config.instance_prompt) for path in sorted(self.instance_paths)]
 
     @property
     def flags(self) -> dict:

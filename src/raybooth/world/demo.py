@@ -30,6 +30,10 @@ def demo_training(given: dict[str, Any]) -> dict[str, Any]:
     if "text_encoder_lr" not in given and (not settings.get("train_text_encoder", True) or (
             settings.get("use_lora") and not settings.get("lora_text_encoder", True))):
         del settings["text_encoder_lr"]
+    if settings.get("optimizer") == "prodigy":  # one rate for every group: Prodigy's own 1.0 unless given
+        for name in ("lr", "text_encoder_lr"):
+            if name not in given:
+                settings.pop(name, None)
     return settings
 
 

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # imported where used: the header checks need no torch
 
 # One LoRA matrix in a diffusers file: "unet.<module>.lora.down.weight" as save_adapters writes
 # it, or the peft ("lora_A") and text-encoder ("lora_linear_layer") spellings diffusers also reads.
-_LORA_KEY = re.compile(r"^(?P<part>unet|text_encoder)\.(?P<module>.+)\."
+_LORA_KEY = re.compile(r"^(?P<part>unet|text_encoder_2|text_encoder)\.(?P<module>.+)\."
                        r"(?P<matrix>lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up|lora_A|lora_B)"
                        r"\.weight$")
 
@@ -83,20 +83,26 @@ def _check_fit(weights: Path, shapes: dict[str, tuple[int, ...]], models: dict[s
 
 
 def _meta_models(model_dir: Path, parts: set[str]) -> dict[str, torch.nn.Module]:
-    """The base UNet / text encoder built from their configs on the meta device: their layer
+    """The base UNet / text encoders built from their configs on the meta device: their layer
     shapes without allocating or reading a single weight."""
     import torch
+    import transformers
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig
 
     models = {}
     with torch.device("meta"):
         if "unet" in parts:
             models["unet"] = UNet2DConditionModel.from_config(
                 read_json(model_dir / "unet" / "config.json", "UNet config"))
-        if "text_encoder" in parts:
-            models["text_encoder"] = CLIPTextModel(CLIPTextConfig.from_dict(
-                read_json(model_dir / "text_encoder" / "config.json", "text encoder config")))
+        for name, class_name in model_family(model_dir).text_encoders:
+            if name in parts:
+                models[name] = getattr(transformers, class_name)(CLIPTextConfig.from_dict(
+                    read_json(model_dir / name / "config.json", "text encoder config")))
+    missing = parts - set(models)
+    if missing:  # an SDXL adapter given an SD model
+        raise RayboothError(f"the LoRA adapts a {sorted(missing)[0]}, which the base model {model_dir} does not have; "
+                            "was it trained for another model?")
     return models
 
 
@@ -111,13 +117,13 @@ def check_lora_dir(lora_dir: Path, model_dir: Path) -> Path:
 
 
 def _load_text_encoder_adapter(text_encoder: torch.nn.Module, state: dict, alphas: dict | None,
-                               metadata: dict | None) -> None:
+                               metadata: dict | None, prefix: str = "text_encoder.") -> None:
     """What diffusers' load_lora_into_text_encoder does, through peft directly (see
-    `add_text_encoder_adapter`): the same key conversions and the same adapter config."""
+    `add_text_encoder_adapter`): the same key conversions and the same adapter config. `prefix`
+    picks the encoder's part of the file (SDXL's second is "text_encoder_2.")."""
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, get_peft_kwargs
     from peft import LoraConfig
 
-    prefix = "text_encoder."
     state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     if not state:
         return
@@ -142,15 +148,22 @@ def load_adapters(pipeline, lora_dir: Path, scale: float) -> None:
     from safetensors import SafetensorError
 
     weights = lora_weights_file(lora_dir)
-    models = {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder}
-    _check_fit(weights, _lora_shapes(weights), models, "the loaded model")
+    encoders = {name: getattr(pipeline, name) for name in ("text_encoder", "text_encoder_2")
+                if getattr(pipeline, name, None) is not None}
+    shapes = _lora_shapes(weights)
+    strangers = {match["part"] for match in map(_LORA_KEY.match, shapes) if match} - {"unet", *encoders}
+    if strangers:
+        raise RayboothError(f"LoRA {weights} adapts a {sorted(strangers)[0]}, which the loaded model does not have; "
+                            "was it trained for another model?")
+    _check_fit(weights, shapes, {"unet": pipeline.unet, **encoders}, "the loaded model")
     try:
-        # pipeline.load_lora_weights, but with the text encoder's part loaded by peft directly.
+        # pipeline.load_lora_weights, but with the text encoders' parts loaded by peft directly.
         state, alphas, metadata = pipeline.lora_state_dict(str(weights), return_lora_metadata=True)
         pipeline.load_lora_into_unet(state, alphas, pipeline.unet, adapter_name=_ADAPTER, metadata=metadata,
                                      _pipeline=pipeline)
-        _load_text_encoder_adapter(pipeline.text_encoder, state, alphas, metadata)
-        pipeline.fuse_lora(components=["unet", "text_encoder"], lora_scale=scale)
+        for name, encoder in encoders.items():
+            _load_text_encoder_adapter(encoder, state, alphas, metadata, prefix=f"{name}.")
+        pipeline.fuse_lora(components=["unet", *encoders], lora_scale=scale)
     except (*_LOAD_ERRORS, SafetensorError) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise RayboothError(f"could not load LoRA {weights}: {first_line}") from None
@@ -166,6 +179,8 @@ def merge_lora(model_dir: Path, lora_dir: Path, output_dir: Path, scale: float =
     model_dir = resolve_model_dir(model_dir)
     weights = check_lora_dir(lora_dir, model_dir)
     check_output_dir(output_dir, overwrite)  # before the slow load, not after
-    pipeline = model_family(model_dir).pipeline_class().from_pretrained(model_dir, torch_dtype=torch.float32)
+    family = model_family(model_dir)
+    pipeline = family.pipeline_class().from_pretrained(model_dir, torch_dtype=torch.float32,
+                                                       **family.generation_options(safety_checker=True))
     load_adapters(pipeline, weights, scale)
     return write_model_dir(output_dir, lambda folder: pipeline.save_pretrained(folder), overwrite)
