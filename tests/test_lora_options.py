@@ -24,7 +24,7 @@ from raybooth.models.loading import load_for_training
 from raybooth.train.checkpoints import restore, write_checkpoint
 from raybooth.train.optim import build_optimization
 from raybooth.train.precision import Precision
-from raybooth.train.step import train_step, use_cuda_graph
+from raybooth.train.step import train_step
 
 CPU = torch.device("cpu")
 PIPELINES = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
@@ -260,13 +260,3 @@ def test_prodigy_defaults_its_rate_to_1_and_says_when_one_is_low_or_its_package_
     missing = r"needs prodigyopt, which is not installed: pip install 'raybooth\[prodigy\]'"
     with pytest.raises(RayboothError, match=missing):
         train_config("--optimizer", "prodigy").validate()
-
-
-def test_prodigy_runs_the_step_eagerly_and_says_why_while_dora_dropout_and_decay_keep_the_graph():
-    gpu, said = torch.device("cuda"), []  # a device object only: nothing runs on it
-    bf16 = Precision("bf16", gpu)
-    assert use_cuda_graph(config(use_lora=True, use_dora=True, lora_dropout=0.1, adam_weight_decay_text_encoder=0.0),
-                          bf16, gpu, gpu, said.append)
-    assert not use_cuda_graph(config(optimizer="prodigy"), bf16, gpu, gpu, said.append)
-    assert said == ["no CUDA graph with --optimizer prodigy (Prodigy reads its step-size estimate back to the host "
-                    "each step): the step runs eagerly"]
