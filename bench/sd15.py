@@ -32,10 +32,11 @@ def sd15_text_encoder(bos_token_id: int = 49406, eos_token_id: int = 49407) -> C
         eos_token_id=eos_token_id))
 
 
-def sd15_vae() -> AutoencoderKL:
+def sd15_vae(sample_size: int = 512, **settings) -> AutoencoderKL:
+    """SD's VAE (SDXL's has the same architecture: bench/sdxl.py gives its settings)."""
     return AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=sample_size,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, **settings)
 
 
 def sd15_pipeline() -> StableDiffusionPipeline:

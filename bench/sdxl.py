@@ -18,6 +18,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from raybooth.models.output import write_model_dir
 from raybooth.models.tiny import build_tokenizer
+from sd15 import sd15_vae
 
 
 def sdxl_unet() -> UNet2DConditionModel:
@@ -36,10 +37,7 @@ def clip_config(hidden: int, layers: int, heads: int, act: str, bos: int, eos: i
 
 
 def sdxl_vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=1024,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        scaling_factor=0.13025, force_upcast=True)
+    return sd15_vae(sample_size=1024, scaling_factor=0.13025, force_upcast=True)
 
 
 def sdxl_pipeline() -> StableDiffusionXLPipeline:

@@ -26,9 +26,14 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 def write_whole(path: Path, write: Callable[[Path], object]) -> None:
-    """`write(a hidden partial name beside path)`, then the rename that makes `path` appear whole."""
+    """`write(a hidden partial name beside path)`, then the rename that makes `path` appear whole.
+    A write that fails (or is interrupted) takes its partial file with it."""
     partial = path.with_name(f".{path.name}.partial")
-    write(partial)
+    try:
+        write(partial)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, path)
 
 

@@ -55,10 +55,7 @@ def _check_model_dir(path: Path) -> Path:
         if name in family.weighted:
             if not (folder / "config.json").is_file():
                 raise RayboothError(f"model {path} is missing {name}/config.json")
-            if not any(f.name.endswith(_WEIGHT_SUFFIXES) and f.is_file() for f in folder.iterdir()):
-                raise RayboothError(f"model {path} has no weights in {name}/ (no .safetensors or .bin file)")
-            for weights in folder.glob("*.safetensors"):
-                check_weights(weights)
+            check_weights_in(folder, f"model {path} has no weights in {name}/")
         elif not any(f.is_file() for f in folder.iterdir()):
             raise RayboothError(f"model {path} has an empty {name}/ folder")
     prediction_type = scheduler_config(path).get("prediction_type", "epsilon")
@@ -76,13 +73,17 @@ def check_vae_dir(path: Path) -> Path:
     config = read_json(path / "config.json", "VAE config")
     if config.get("_class_name") != "AutoencoderKL":
         raise RayboothError(f"{path} holds a {config.get('_class_name')}, not a VAE (AutoencoderKL)")
-    weights = [f for f in path.iterdir() if f.name.endswith(_WEIGHT_SUFFIXES) and f.is_file()]
-    if not weights:
-        raise RayboothError(f"VAE folder {path} has no weights (no .safetensors or .bin file)")
-    for file in weights:
-        if file.suffix == ".safetensors":
-            check_weights(file)
+    check_weights_in(path, f"VAE folder {path} has no weights")
     return path
+
+
+def check_weights_in(folder: Path, none_found: str) -> None:
+    """A component folder's weight files, each safetensors file's header readable; `none_found`
+    (the message's start) where it has none."""
+    if not any(f.name.endswith(_WEIGHT_SUFFIXES) and f.is_file() for f in folder.iterdir()):
+        raise RayboothError(f"{none_found} (no .safetensors or .bin file)")
+    for weights in folder.glob("*.safetensors"):
+        check_weights(weights)
 
 
 def model_family(model_dir: Path) -> ModelFamily:

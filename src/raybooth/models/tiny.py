@@ -38,11 +38,21 @@ def build_tokenizer():
         return CLIPTokenizer.from_pretrained(folder)
 
 
+def tiny_vae(**settings):
+    """SD's VAE architecture at 4x downsampling (so a 64 px image has 16x16 latents)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=8, sample_size=64, **settings)
+
+
 def build_tiny_pipeline(seed: int = 0):
     """UNet, VAE and text encoder of SD's architecture at a few hundred thousand parameters each.
     The VAE downsamples 4x and the UNet's sample size is 16, so the native resolution is 64 px."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -51,10 +61,7 @@ def build_tiny_pipeline(seed: int = 0):
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        norm_num_groups=8, sample_size=64)
+    vae = tiny_vae()
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=tokenizer.model_max_length, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
@@ -70,7 +77,7 @@ def build_tiny_xl_pipeline(seed: int = 0):
     cross-attention, and a UNet that adds the pooled embedding and six time ids to its timestep
     embedding. Native resolution 64 px; the SDXL scheduler's settings (Euler, leading spacing)."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -85,10 +92,7 @@ def build_tiny_xl_pipeline(seed: int = 0):
         cross_attention_dim=width + width_2, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
         addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim, transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * time_embed_dim + projection)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        norm_num_groups=8, sample_size=64, scaling_factor=0.13025, force_upcast=True)
+    vae = tiny_vae(scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE settings
     def config(hidden: int, act: str):  # CLIP ViT-L's activation is quick_gelu, OpenCLIP bigG's gelu
         return CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,

@@ -45,14 +45,6 @@ def write_safetensors(path: Path, weights: dict[str, torch.Tensor], half: bool, 
         weights = {key: value.to(torch.float16) if value.is_floating_point() else value
                    for key, value in weights.items()}
     weights = {key: value.contiguous() for key, value in weights.items()}
-
-    def save(partial: Path) -> None:
-        try:
-            save_file(weights, partial, metadata={"format": "pt", **metadata})
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_whole(path, save)
+    write_whole(path, lambda partial: save_file(weights, partial, metadata={"format": "pt", **metadata}))
     return path

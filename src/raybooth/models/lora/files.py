@@ -69,6 +69,9 @@ def _check_fit(weights: Path, shapes: dict[str, tuple[int, ...]], models: dict[s
         if not match or len(shape) < 2:
             continue
         part, name, down = match["part"], match["module"], match["matrix"].endswith(("down", "A"))
+        if part not in layers:  # an SDXL adapter given an SD model: no second text encoder
+            raise RayboothError(f"LoRA {weights} adapts a {part}, which {base} does not have; "
+                                "was it trained for another model?")
         # Newer transformers flatten CLIPTextModel (no "text_model."); older LoRA files still carry it.
         candidates = (name, name.removeprefix("text_model."), f"text_model.{name}")
         layer = next((layers[part][c] for c in candidates if c in layers[part]), None)
@@ -99,10 +102,6 @@ def _meta_models(model_dir: Path, parts: set[str]) -> dict[str, torch.nn.Module]
             if name in parts:
                 models[name] = getattr(transformers, class_name)(CLIPTextConfig.from_dict(
                     read_json(model_dir / name / "config.json", "text encoder config")))
-    missing = parts - set(models)
-    if missing:  # an SDXL adapter given an SD model
-        raise RayboothError(f"the LoRA adapts a {sorted(missing)[0]}, which the base model {model_dir} does not have; "
-                            "was it trained for another model?")
     return models
 
 
@@ -150,12 +149,7 @@ def load_adapters(pipeline, lora_dir: Path, scale: float) -> None:
     weights = lora_weights_file(lora_dir)
     encoders = {name: getattr(pipeline, name) for name in ("text_encoder", "text_encoder_2")
                 if getattr(pipeline, name, None) is not None}
-    shapes = _lora_shapes(weights)
-    strangers = {match["part"] for match in map(_LORA_KEY.match, shapes) if match} - {"unet", *encoders}
-    if strangers:
-        raise RayboothError(f"LoRA {weights} adapts a {sorted(strangers)[0]}, which the loaded model does not have; "
-                            "was it trained for another model?")
-    _check_fit(weights, shapes, {"unet": pipeline.unet, **encoders}, "the loaded model")
+    _check_fit(weights, _lora_shapes(weights), {"unet": pipeline.unet, **encoders}, "the loaded model")
     try:
         # pipeline.load_lora_weights, but with the text encoders' parts loaded by peft directly.
         state, alphas, metadata = pipeline.lora_state_dict(str(weights), return_lora_metadata=True)
