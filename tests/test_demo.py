@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from raybooth.commands.cli import main
-from raybooth.commands.outcome import BEFORE_DIR, CLASS_DIR, EVALUATION_FILE, GRID_FILE
+from raybooth.jobs.outcome import BEFORE_DIR, CLASS_DIR, EVALUATION_FILE, GRID_FILE
 from raybooth.files.images import image_files
 from raybooth.world import model_dir as world_model_dir
 from raybooth.world.demo import DEMO_CLASS_SAMPLES, DEMO_TRAINING, demo_prompts, demo_training

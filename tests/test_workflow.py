@@ -5,7 +5,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from raybooth.commands.cli import main
-from raybooth.commands.outcome import EVALUATION_FILE, GRID_FILE
+from raybooth.jobs.outcome import EVALUATION_FILE, GRID_FILE
 from raybooth.files.images import image_files
 from raybooth.files.names import image_name
 from raybooth.models.prompts import sample_prompts

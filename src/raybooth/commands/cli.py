@@ -1,94 +1,28 @@
-"""The `raybooth` command. Flags come from the config dataclasses' fields: `--model_dir`, as in
-Ray's example scripts, and `--model-dir` alike; booleans take `--flag` / `--no_flag`."""
+"""The `raybooth` command: its subcommands, each with the flags of its config dataclass
+(arguments.py), and how it ends: an error in one line, Ctrl-C and stop signals, a quick exit."""
 
 from __future__ import annotations
 
 import argparse
 import atexit
 import contextlib
-import dataclasses
 import os
 import signal
 import sys
 import threading
-import types
-import typing
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import NoReturn, Sequence
 
 from raybooth import __version__
+from raybooth.commands.arguments import add_config_arguments, add_run_arguments, config_from_args, run_settings
+from raybooth.commands.batch import BATCH, SWEEP
 from raybooth.commands.single_files import EXPORT, with_model_folder
-from raybooth.config import (RUN_DERIVED_TRAIN_FIELDS, CacheConfig, GenerateConfig, MergeLoraConfig, RunConfig,
+from raybooth.config import (CacheConfig, GenerateConfig, MergeLoraConfig, RunConfig,
                              TinyModelConfig, TrainConfig)
 from raybooth.config.evaluate import EvaluateConfig
 from raybooth.config.yaml_file import CONFIG_FILE_HELP, apply_config_file
 from raybooth.errors import RayboothError
 from raybooth.terminal.raylog import restore_ray_output
-
-
-def flag_names(name: str) -> list[str]:
-    return [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, config: type, skip: Sequence[str] = (),
-                         only_given: bool = False) -> None:
-    """One flag per field of the dataclass `config`. With `only_given`, flags left out stay out
-    of the parsed namespace, so a caller can tell a default from a choice."""
-    hints = typing.get_type_hints(config)
-    for field in command_line_fields(config, skip):
-        meta = dict(field.metadata)
-        hidden = meta.pop("hidden", False)
-        required, default = field_default(field)
-        help_text = meta.pop("help", "")
-        if not required and default is not None and not isinstance(default, bool):
-            help_text += f" (default: {default})"
-        kind, is_list = value_type(hints[field.name])
-        common = dict(dest=field.name, default=argparse.SUPPRESS if only_given else default)
-        if kind is bool:
-            shown = argparse.SUPPRESS if hidden else help_text
-            negative_help = argparse.SUPPRESS if hidden else f"Negation of --{field.name}."
-            parser.add_argument(*flag_names(field.name), action="store_true", help=shown, **common)
-            if has_negation(kind, default):
-                parser.add_argument(*flag_names(f"no_{field.name}"), action="store_false", help=negative_help,
-                                    **common)
-            continue
-        parser.add_argument(*flag_names(field.name), type=kind, required=required and not only_given,
-                            nargs=meta.pop("nargs", "+" if is_list else None),
-                            metavar=None if "choices" in meta else field.name.upper(),
-                            help=argparse.SUPPRESS if hidden else help_text, **common, **meta)
-
-
-def command_line_fields(config: type, skip: Sequence[str] = ()) -> list[dataclasses.Field]:
-    """The fields of `config` that are flags, in their command-line order: a config's own fields
-    first, then those of its keyword-only option groups (base classes)."""
-    return [field for field in sorted(dataclasses.fields(config), key=lambda f: f.kw_only) if field.name not in skip]
-
-
-def field_default(field: dataclasses.Field) -> tuple[bool, Any]:
-    """(whether the flag is required, its default: None where required)."""
-    required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
-    return required, None if required else (field.default if field.default is not dataclasses.MISSING
-                                            else field.default_factory())
-
-
-def has_negation(kind: type, default: Any) -> bool:
-    """A boolean flag gets `--no_flag` unless it is off by default: `--no_overwrite` would say
-    nothing that leaving it out does not."""
-    return kind is bool and default is not False
-
-
-def value_type(hint: Any) -> tuple[type, bool]:
-    """(the type of one value, whether the field is a list) for `int | None`, `list[str]`, ..."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-    if typing.get_origin(hint) is list:
-        return typing.get_args(hint)[0], True
-    return hint, False
-
-
-def config_from_args(config: type, args: argparse.Namespace, skip: Sequence[str] = ()) -> Any:
-    return config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config)
-                     if f.name not in skip and hasattr(args, f.name)})
 
 
 def cache_model_command(args: argparse.Namespace) -> None:
@@ -127,15 +61,8 @@ def merge_lora_command(args: argparse.Namespace) -> None:
     print(merge_lora(cfg.model_dir, cfg.lora_weights_dir, cfg.output_dir, cfg.lora_scale, cfg.overwrite))
 
 
-def run_settings(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any]]:
-    """`run`'s own settings, and the training settings the user gave (only those)."""
-    training = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                if f.name not in RUN_DERIVED_TRAIN_FIELDS and hasattr(args, f.name)}
-    return config_from_args(RunConfig, args), training
-
-
 def run_command(args: argparse.Namespace) -> None:
-    from raybooth.commands.run import run
+    from raybooth.jobs.run import run
 
     print(run(*run_settings(args)))
 
@@ -166,6 +93,8 @@ COMMANDS = {
                  "Sample a fine-tuned model and measure subject fidelity, prompt fidelity and prior preservation "
                  "(the small world's classifier, or the paper's DINO, CLIP-I and CLIP-T)."),
     "export": EXPORT,
+    "batch": BATCH,
+    "sweep": SWEEP,
 }
 
 
@@ -177,10 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
         aliases = [name.replace("-", "_")] if "-" in name else []
         command = commands.add_parser(name, aliases=aliases, help=summary, description=summary)
         command.set_defaults(command=name)
-        add_config_arguments(command, config)
         if name == "run":
-            group = command.add_argument_group("training (as for `raybooth train`)")
-            add_config_arguments(group, TrainConfig, skip=RUN_DERIVED_TRAIN_FIELDS, only_given=True)
+            add_run_arguments(command)
+        else:
+            add_config_arguments(command, config)
         if name in CONFIG_FILE_COMMANDS:
             command.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_FILE_HELP)
     return parser

@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 import typing
 
-from raybooth.commands.cli import (COMMANDS, CONFIG_FILE_COMMANDS, command_line_fields, field_default, flag_names,
-                                   has_negation, value_type)
+from raybooth.commands.arguments import command_line_fields, field_default, flag_names, has_negation, value_type
+from raybooth.commands.cli import COMMANDS, CONFIG_FILE_COMMANDS
 from raybooth.config import RUN_DERIVED_TRAIN_FIELDS, TrainConfig
 from raybooth.config.yaml_file import CONFIG_FILE_HELP
 

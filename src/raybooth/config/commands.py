@@ -118,6 +118,9 @@ class RunConfig:
                                                     "before-and-after grid, the pretrained one) with (default: a "
                                                     "few scenes of the subject).", nargs="+")
     num_samples_per_prompt: int = option(4, "Samples per prompt from the tuned model.")
+    class_images_dir: Path | None = option(None, "Class images for prior preservation, made there where missing; "
+                                                 "runs of one class and model can share it (default: "
+                                                 "WORK_DIR/images-reg).")
     overwrite: bool = option(False, "Replace the tuned model of an earlier run in WORK_DIR/model-tuned.")
     num_class_samples: int | None = option(None, "Plain class samples of the tuned model for the grid and the "
                                                  "measures (default: 16 in the demo, 8 otherwise).")

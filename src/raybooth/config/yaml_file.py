@@ -32,13 +32,19 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 def apply_config_file(parser: argparse.ArgumentParser, path: Path, command: str) -> None:
     """Make the file's values `parser`'s defaults; options it supplies are no longer required."""
+    apply_values(parser, read_config_file(path), f"--config {path}", command)
+
+
+def apply_values(parser: argparse.ArgumentParser, values: dict[str, Any], where: str, command: str) -> None:
+    """Make `values` (option names to values) `parser`'s defaults, each checked as its flag would be;
+    options they supply are no longer required."""
     actions = {action.dest: action for action in parser._actions
                if action.option_strings and action.dest not in ("help", "config")}
     defaults = {}
-    for name, value in read_config_file(path).items():
+    for name, value in values.items():
         if name not in actions:
-            raise RayboothError(f"--config {path}: {name!r} is not an option of `raybooth {command}`")
-        defaults[name] = _checked(actions[name], value, f"--config {path}: {name}")
+            raise RayboothError(f"{where}: {name!r} is not an option of `raybooth {command}`")
+        defaults[name] = _checked(actions[name], value, f"{where}: {name}")
     parser.set_defaults(**defaults)
     for name in defaults:
         actions[name].required = False

@@ -50,3 +50,31 @@ def demo_subject(folder: Path) -> Path:
 def demo_prompts(unique_token: str, class_noun: str) -> list[str]:
     """The subject alone and on each of the world's backgrounds, three of them new to it."""
     return world_subject_prompts(unique_token, class_noun)
+
+
+# `raybooth batch` with no manifest: three subjects of two classes, LoRA on each. In the demo's 300
+# steps a rank-8 adapter at lr 2e-3 (the text encoder's 1e-3) taught the snowy toy car to 0.75 subject
+# fidelity; rank 4 at 1e-3 and 5e-4 reached 0.42 and 0.21 on the built-in subject (CPU, 12 samples
+# each, bench/RESULTS.md). Two samples per prompt and eight class samples keep each subject's sampling short.
+DEMO_BATCH_DEFAULTS: dict[str, Any] = dict(use_lora=True, lora_rank=8, lr=2e-3, text_encoder_lr=1e-3,
+                                           num_samples_per_prompt=2, num_class_samples=8)
+# name: (class, seed, photo backgrounds, checkerboard squares across; the cup's 4 are what the world's
+# classifier tells apart from a plain cup best)
+DEMO_BATCH_SUBJECTS = {"checker-car": ("toy car", 0, ("sand", "grass"), 3.0),
+                       "winter-car": ("toy car", 1, ("snow", "brick wall"), 3.0),
+                       "checker-cup": ("cup", 2, ("sand", "grass"), 4.0)}
+
+
+def demo_batch(folder: Path) -> dict[str, Any]:
+    """The demo batch's manifest (as YAML would give it), its subjects' photos written under `folder`."""
+    subjects = []
+    for name, (noun, seed, backgrounds, cells) in DEMO_BATCH_SUBJECTS.items():
+        photos = folder / name
+        if not image_files(photos):
+            write_subject(photos, seed=seed, object_class=noun, backgrounds=backgrounds, cells=cells)
+        subjects.append({"name": name, "instance_images_dir": str(photos), "class_noun": noun})
+    return {"defaults": dict(DEMO_BATCH_DEFAULTS), "subjects": subjects, "sweep": dict(DEMO_SWEEP)}
+
+
+# `raybooth sweep` with no manifest: the built-in subject at a quarter of the batch's rate and at it
+DEMO_SWEEP: dict[str, Any] = {"subject": "checker-car", "flags": {"lr": [5e-4, 2e-3]}}

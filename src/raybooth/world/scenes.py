@@ -7,6 +7,7 @@ held-out subject's checkerboard) can replace the main colour without redrawing t
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import zlib
 from dataclasses import dataclass
@@ -59,10 +60,9 @@ class Scene:
 def random_scene(rng: np.random.Generator, object_class: str | None = None, background: str | None = None,
                  subject: bool = False) -> Scene:
     """One scene drawn uniformly over classes, colours and backgrounds (those not given), at a
-    random size and a position that keeps the whole object in the frame."""
-    if subject and object_class not in (None, SUBJECT_CLASS):
-        raise ValueError(f"the subject is a {SUBJECT_CLASS}, not a {object_class}")
-    object_class = SUBJECT_CLASS if subject else object_class or CLASSES[rng.integers(len(CLASSES))]
+    random size and a position that keeps the whole object in the frame. A `subject` wears the
+    subject's checkerboard: the built-in subject is a toy car; another class's is `raybooth batch`'s demo."""
+    object_class = object_class or (SUBJECT_CLASS if subject else CLASSES[rng.integers(len(CLASSES))])
     background = background or BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     if object_class not in CLASSES or background not in BACKGROUNDS:
         raise ValueError(f"unknown class {object_class!r} or background {background!r}")
@@ -227,14 +227,18 @@ def _checkerboard(scene: Scene, labels: np.ndarray, layer: np.ndarray) -> None:
         layer[(labels == label) & odd, :3] = np.round(np.clip(second * factor, 0, 255)).astype(np.uint8)
 
 
-def write_subject(folder: Path, count: int = 5, seed: int = 0, size: int = 64) -> list[Path]:
-    """`count` PNGs of the built-in subject at varied sizes and spots, in two contexts only."""
+def write_subject(folder: Path, count: int = 5, seed: int = 0, size: int = 64, object_class: str = SUBJECT_CLASS,
+                  backgrounds: tuple[str, ...] = SUBJECT_PHOTO_BACKGROUNDS, cells: float = SUBJECT_CELLS) -> list[Path]:
+    """`count` PNGs of a subject at varied sizes and spots, in the `backgrounds` only: the built-in
+    subject by default; another class wears its checkerboard, with `cells` squares across, for a
+    subject of that class (`raybooth batch`'s demo)."""
     rng = np.random.default_rng(seed)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for index in range(count):
-        scene = subject_scene(rng, SUBJECT_PHOTO_BACKGROUNDS[index % len(SUBJECT_PHOTO_BACKGROUNDS)])
+        scene = random_scene(rng, object_class, backgrounds[index % len(backgrounds)], subject=True)
+        scene = dataclasses.replace(scene, cells=cells)
         path = folder / f"subject-{index:02d}.png"
         Image.fromarray(render(scene, size)).save(path)
         paths.append(path)
