@@ -8,7 +8,7 @@ import argparse
 import re
 from pathlib import Path
 
-from raybooth.commands.cli import build_parser
+from raybooth.commands.cli import COMMANDS, build_parser
 from raybooth.commands.flags import flags_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def documented_flags() -> dict[str, set[str]]:
 def test_every_flag_of_every_command_is_in_its_section_of_the_flags_page():
     documented = documented_flags()
     commands = next(action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction))
-    for name in ("cache-model", "tiny-model", "generate", "train", "run", "merge-lora", "evaluate"):
+    for name in COMMANDS:
         flags = {flag[2:] for action in commands.choices[name]._actions if action.help != argparse.SUPPRESS
                  for flag in action.option_strings if flag.startswith("--") and flag not in ("--help", "--config")}
         assert flags == documented[name], f"raybooth {name}: docs/flags.md and the command line differ"

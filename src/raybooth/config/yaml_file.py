@@ -14,15 +14,20 @@ CONFIG_FILE_HELP = ("YAML file of options for this command (e.g. `lr_scheduler: 
                     "command line beat it.")
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path, where: str) -> Any:
+    """What the YAML file at `path` holds; `where` names it in the one-line errors."""
     import yaml
 
     try:
-        values = yaml.safe_load(Path(path).read_text())
+        return yaml.safe_load(Path(path).read_text())
     except OSError as error:
-        raise RayboothError(f"--config {path} cannot be read: {error.strerror or error}") from None
+        raise RayboothError(f"{where} cannot be read: {error.strerror or error}") from None
     except yaml.YAMLError as error:
-        raise RayboothError(f"--config {path} is not valid YAML ({str(error).splitlines()[0]})") from None
+        raise RayboothError(f"{where} is not valid YAML ({str(error).splitlines()[0]})") from None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    values = read_yaml(path, f"--config {path}")
     if values is None:
         return {}
     if not isinstance(values, dict):

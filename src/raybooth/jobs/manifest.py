@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from raybooth.config import RunConfig, TrainConfig
+from raybooth.config.yaml_file import read_yaml
 from raybooth.errors import RayboothError
 
 SECTIONS = ("defaults", "subjects", "sweep")
@@ -34,16 +35,8 @@ class Manifest:
 
 
 def read_manifest(path: Path) -> Manifest:
-    import yaml
-
     where = f"--manifest {path}"
-    try:
-        content = yaml.safe_load(Path(path).read_text())
-    except OSError as error:
-        raise RayboothError(f"{where} cannot be read: {error.strerror or error}") from None
-    except yaml.YAMLError as error:
-        raise RayboothError(f"{where} is not valid YAML ({str(error).splitlines()[0]})") from None
-    return manifest_from(content, Path(path).expanduser().absolute().parent, where)
+    return manifest_from(read_yaml(path, where), Path(path).expanduser().absolute().parent, where)
 
 
 def manifest_from(content: Any, folder: Path, where: str) -> Manifest:

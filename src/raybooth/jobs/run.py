@@ -4,7 +4,7 @@ script lays it out under one work folder:
     model-orig/     the pretrained pipeline, cached from the hub (the demo reads the world model
                     that ships with raybooth in place)
     images-own/     the subject's photos (the built-in checkerboard toy car for the demo)
-    images-reg/     class images generated for prior preservation
+    images-reg/     class images generated for prior preservation (unless --class_images_dir)
     model-tuned/    the fine-tuned pipeline (with --use_lora: the LoRA adapter, for model-orig/)
     images-new/     samples of the subject from the fine-tuned pipeline
     images-before/  the same prompts and seeds from the pretrained pipeline
@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raybooth.jobs.outcome import Outcome, finish_run, outcome_samples
 from raybooth.config import RunConfig, TrainConfig
 from raybooth.driver.training import train
 from raybooth.errors import RayboothError
 from raybooth.files.images import image_files
+from raybooth.jobs.outcome import Outcome, finish_run, outcome_samples
 from raybooth.models.folders import resolve_model_dir
 from raybooth.models.hub import cache_model
 from raybooth.models.output import check_output_dir

@@ -35,7 +35,7 @@ class SubjectRunner:
 
     def run(self, plan: RunPlan) -> dict:
         """The subject trained, sampled and measured; {"status": "done", ...} or {"status": "failed", "error"}."""
-        started = time.monotonic()
+        started, began = time.monotonic(), time.time()
         plan.work_dir.mkdir(parents=True, exist_ok=True)
         with open(plan.work_dir / LOG_FILE, "a") as lines, redirect_stderr(lines), redirect_stdout(lines):
             try:
@@ -51,7 +51,8 @@ class SubjectRunner:
         last = history[-LOSS_WINDOW:]
         result = {"status": "done", "steps": history[-1]["step"] if history else 0,
                   "final_loss": sum(row["loss"] for row in last) / len(last) if last else None,
-                  "seconds": round(time.monotonic() - started, 1),
+                  "seconds": round(time.monotonic() - started, 1), "began": round(began, 1),
+                  "ended": round(time.time(), 1),
                   "measures": {"before": measures["before"], "after": measures["after"]} if measures else None}
         write_whole(plan.work_dir / SUBJECT_FILE, lambda path: path.write_text(json.dumps(result, indent=2) + "\n"))
         return result
