@@ -10,6 +10,10 @@ MODEL_DIR from bench/sdxl.py (SDXL-sized random weights), 1024 px, 4 photos, bat
       lora-low-memory   the same with --gradient_checkpointing --use_8bit_adam
       full              full fine-tuning of the UNet, fp32 masters, 1+1 (text encoders frozen)
       generate          raybooth generate, 16 images with the model's own sampler, 50 steps, guidance 5
+      flow              target 5: raybooth run --use_lora (200 class images, 500 steps, 20 samples), beside
+                        the anchor flow reckoned from OUT's anchor phases: its 200 class images and 20
+                        samples at the pipeline's images/s, 500 steps at the anchor step's time (its load
+                        and save left out, so the anchor's figure is a lower bound)
 """
 
 from __future__ import annotations
@@ -42,6 +46,27 @@ def train(model_dir: str, out: Path, name: str, *flags: str) -> dict:
             "timeline": timeline(result["log"]), "metrics": json.loads(metrics.read_text()) if metrics.is_file() else None}
 
 
+def flow(model_dir: str, out: Path) -> dict:
+    subject = WORK / "photos"
+    if not subject.is_dir():
+        photos(subject)
+    prompts = [f"a photo of unqtkn dog {scene}".strip() for scene in ("", "on the beach", "in the snow", "at night",
+                                                                      "in a city")]
+    result = run("flow", [sys.executable, "-m", "raybooth", "run", "--model_dir", model_dir, "--work_dir",
+                          str(WORK / "flow"), "--overwrite", "--instance_images_dir", str(subject), "--class_noun", "dog",
+                          "--use_lora", "--max_train_steps", "500", "--num_epochs", "1000", "--num_class_images", "200",
+                          "--num_samples_per_prompt", "4", "--sample_prompts", *prompts], out)
+    report = {"wall_s": result["wall_s"], "exit": result["exit"], "timeline": timeline(result["log"])}
+    try:
+        step = json.loads((out / "sdxl-anchor-step.json").read_text())["rows"][0]["step_ms"] / 1000
+        rate = json.loads((out / "sdxl-anchor-generate.json").read_text())["rows"][0]["images_per_s"]
+    except (OSError, KeyError, IndexError):
+        return report  # the anchor phases not run in OUT: raybooth's time alone
+    report["anchor_flow_s"] = round((200 + 20) / rate + 500 * step, 1)
+    report["ratio"] = round(report["anchor_flow_s"] / result["wall_s"], 2)
+    return report
+
+
 def main(phase: str, model_dir: str, out_dir: str) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -62,6 +87,8 @@ def main(phase: str, model_dir: str, out_dir: str) -> None:
                              str(WORK / "generated"), "--prompts", "a photo of a dog", "--num_samples_per_prompt",
                              "16", "--sampler", "model", "--num_inference_steps", "50", "--guidance_scale", "5"], out)
         report = {"wall_s": result["wall_s"], "exit": result["exit"], "timeline": timeline(result["log"])}
+    elif phase == "flow":
+        report = flow(model_dir, out)
     else:
         raise SystemExit(f"unknown phase {phase}")
     report["started"] = started

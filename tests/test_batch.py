@@ -1,13 +1,14 @@
 """`raybooth batch` and `raybooth sweep` on the small world: the demo batch's three subjects (two
 classes) and one subject whose photo is broken, trained in one command; then the same command again;
-then a sweep of two trials sharing the batch's class images, whose best settings train again."""
+then a sweep of two trials sharing the batch's class images, whose best settings train again. On the
+tiny model: Ctrl-C and the re-run that resumes, and two subjects trained side by side."""
 
 from __future__ import annotations
 
 import contextlib
-import re
 import io
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -53,17 +54,19 @@ def batch(ray_cluster, tmp_path_factory) -> SimpleNamespace:
 def test_each_subject_learns_its_own_and_the_broken_one_fails_alone(batch):
     assert batch.first.code == 1, batch.first.log  # a subject failed: the command says so
     assert [name for name, result in batch.results.items() if result["status"] == "done"] == GOOD
+    learned = {}
     for name in GOOD:
         measures = json.loads((batch.out / name / "evaluation.json").read_text())
         before, after = measures["before"]["subject_fidelity"], measures["after"]["subject_fidelity"]
-        # Its adapter draws its subject: the untuned model never does; the tuned one does in at least a
-        # quarter of the share of the subject's own photos the judge calls the subject (all the toy
-        # cars', 2 of 5 of the cup's: the world's classifier knows the checkerboard on toy cars).
-        # Measured on a 2-core machine: 0.33, 0.75 and 0.25 (of 12 samples each).
-        assert before == 0.0 and after >= 0.25 * measures["after"]["instance_recognition"], (name, after)
+        # Its adapter draws its subject: the untuned model never does, the tuned one in at least 2 of its
+        # 12 samples. Measured on a 2-core machine: 4, 9 and 3 of 12 (the cup's is low: the world's
+        # classifier knows the checkerboard on toy cars, and calls only 2 of the cup's 5 photos the subject).
+        assert before == 0.0 and after >= 2 / 12, (name, after)
+        learned[name] = after
         assert (batch.out / name / "model-tuned" / "pytorch_lora_weights.safetensors").is_file()
         assert (batch.out / name / "model-tuned" / "report.png").is_file()
         assert batch.results[name]["steps"] == 300 and batch.results[name]["measures"]["after"] == measures["after"]
+    assert sum(learned.values()) / len(learned) >= 0.3, learned  # measured: 0.44
     assert batch.results["broken"]["status"] == "failed" and "photo.png" in batch.results["broken"]["error"]
     told = [line for line in batch.first.log.splitlines() if "subject broken:" in line]
     assert len(told) == 1 and "photo.png is not a readable image" in told[0], told  # one line, before any training

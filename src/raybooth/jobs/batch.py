@@ -100,8 +100,10 @@ def start(cfg: BatchConfig, plans: dict[str, RunPlan], output: Path, results: di
     connect(cfg.address, cfg.verbose)
     use_gpu = decide_use_gpu(cfg.use_gpu)
     store = Path(cfg.class_images_store or output / "class-images").expanduser().absolute()
-    for name, error in make_class_images({name: plan.train for name, plan in plans.items()}, store, use_gpu,
-                                         cfg.address, cfg.verbose).items():
+    # A subject given a class_images_dir of its own keeps it (its training makes what is missing there).
+    stored = {name: plan.train for name, plan in plans.items()
+              if Path(plan.train.class_images_dir) == plan.work_dir / "images-reg"}
+    for name, error in make_class_images(stored, store, use_gpu, cfg.address, cfg.verbose).items():
         results[name] = {"status": "failed", "error": error}
         log(f"{noun} {name}: failed: {error}")
         del plans[name]
