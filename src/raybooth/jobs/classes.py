@@ -20,7 +20,6 @@ from raybooth.models.folders import resolve_model_dir, resolve_resolution
 from raybooth.terminal.log import log
 
 
-
 @dataclass(frozen=True)
 class ImageClass:
     """What makes one class's images what they are."""
