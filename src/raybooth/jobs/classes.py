@@ -15,7 +15,8 @@ from raybooth.config import GenerateConfig, TrainConfig
 from raybooth.config.fields import inference_steps
 from raybooth.driver.generation import generate
 from raybooth.files.names import image_name
-from raybooth.files.writes import write_whole
+from raybooth.errors import first_line
+from raybooth.files.writes import write_atomically
 from raybooth.models.folders import resolve_model_dir, resolve_resolution
 from raybooth.terminal.log import log
 
@@ -66,9 +67,8 @@ def make_class_images(configs: dict[str, TrainConfig], store: Path, use_gpu: boo
                                     batch_size=configs[names[0]].sample_batch_size, use_gpu=use_gpu,
                                     address=address, verbose=verbose))
         except Exception as error:  # noqa: BLE001 - its subjects fail, the others go on
-            line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            failed |= {name: f"its class images could not be made: {line}" for name in names}
+            failed |= {name: f"its class images could not be made: {first_line(error)}" for name in names}
             continue
         about = folder.with_name(f"{folder.name}.json")  # beside the images: what made them
-        write_whole(about, lambda path: path.write_text(json.dumps(kind.__dict__, indent=2) + "\n"))
+        write_atomically(about, (json.dumps(kind.__dict__, indent=2) + "\n").encode())
     return failed

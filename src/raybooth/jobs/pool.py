@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from raybooth.driver.cluster import cluster_resource, cpus_per_worker
-from raybooth.errors import RayboothError
+from raybooth.errors import RayboothError, first_line
 from raybooth.jobs.run import RunPlan
 from raybooth.jobs.subject import SubjectRunner
 from raybooth.terminal.log import log
@@ -79,10 +79,6 @@ def run_subjects(plans: dict[str, RunPlan], slots: Slots, done: Callable[[str, d
     finally:
         for actor in idle:
             ray.kill(actor)
-
-
-def first_line(error: BaseException) -> str:
-    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 class Progress:

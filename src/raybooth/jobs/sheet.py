@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 from raybooth.evaluate.measure import image_grid
 from raybooth.errors import RayboothError
 from raybooth.files.images import SHEET_PNG, image_files, read_rgb
-from raybooth.files.writes import write_whole
+from raybooth.files.writes import write_atomically, write_whole
 
 BATCH_FILE, SHEET_FILE = "batch.json", "batch.png"
 LABEL_WIDTH, PHOTOS, SAMPLES = 110, 4, 8
@@ -21,7 +21,7 @@ TABLE_MEASURES = ("subject_fidelity", "prompt_fidelity", "prior_leakage")
 
 def write_batch_json(path: Path, subjects: dict[str, dict], about: dict) -> None:
     text = json.dumps({**about, "subjects": subjects}, indent=2) + "\n"
-    write_whole(path, lambda partial: partial.write_text(text))
+    write_atomically(path, text.encode())
 
 
 def draw_sheet(path: Path, rows: dict[str, tuple[Path, Path]]) -> None:

@@ -12,7 +12,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 from raybooth.errors import RayboothError
-from raybooth.files.writes import write_whole
+from raybooth.files.writes import write_atomically
 from raybooth.jobs.run import RunPlan, carry_out
 from raybooth.models.output import TRAINING_LOG
 
@@ -54,7 +54,7 @@ class SubjectRunner:
                   "seconds": round(time.monotonic() - started, 1), "began": round(began, 1),
                   "ended": round(time.time(), 1),
                   "measures": {"before": measures["before"], "after": measures["after"]} if measures else None}
-        write_whole(plan.work_dir / SUBJECT_FILE, lambda path: path.write_text(json.dumps(result, indent=2) + "\n"))
+        write_atomically(plan.work_dir / SUBJECT_FILE, (json.dumps(result, indent=2) + "\n").encode())
         return result
 
 

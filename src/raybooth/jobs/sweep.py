@@ -15,7 +15,7 @@ from typing import Any
 from raybooth.config import TrainConfig
 from raybooth.config.batch import BatchConfig
 from raybooth.errors import RayboothError
-from raybooth.files.writes import write_whole
+from raybooth.files.writes import write_atomically
 from raybooth.jobs.batch import SubjectSettings, run_batch
 from raybooth.jobs.classes import image_class
 from raybooth.jobs.manifest import Manifest, Subject
@@ -120,7 +120,7 @@ def run_sweep(cfg: BatchConfig, sweep: Sweep, trials: list[SubjectSettings]) -> 
             f"(`raybooth train --config {path} --output_dir OUT`)")
     else:
         log("no trial finished: nothing to choose from")
-    write_whole(output / SWEEP_FILE, lambda partial: partial.write_text(json.dumps(summary, indent=2) + "\n"))
+    write_atomically(output / SWEEP_FILE, (json.dumps(summary, indent=2) + "\n").encode())
     return summary
 
 
@@ -175,4 +175,4 @@ def write_config(path: Path, settings: dict[str, Any]) -> None:
 
     text = "# The best trial of `raybooth sweep`: `raybooth train --config THIS --output_dir OUT`\n" + yaml.safe_dump(
         settings, sort_keys=False)
-    write_whole(path, lambda partial: partial.write_text(text))
+    write_atomically(path, text.encode())
